@@ -1,0 +1,62 @@
+# Run `make` (or `make help`) for the targets. EXP=<preset in conf/experiment/> ARGS="<hydra overrides>".
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+MAKEFLAGS += --no-builtin-rules
+
+EXP ?= demo
+ARGS ?=
+TORCH ?= torch==2.13.0
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+OUT := outputs/$(EXP)
+STAGE = $(PY) -m pipeline
+MLFLOW_PORT ?= 5000
+
+# What every stage's output depends on: the shared config, the preset, the contract and tracking code.
+COMMON := conf/config.yaml $(wildcard conf/tracking/*.yaml) conf/experiment/$(EXP).yaml \
+          pipeline/cli.py pipeline/config.py pipeline/contract.py $(wildcard pipeline/tracking/*.py)
+
+# ARGS are part of a stage's inputs: $(OUT)/.args/<stage> changes (and triggers a rebuild) only when they do.
+define args_stamp
+$(OUT)/.args/$(1): FORCE
+	@mkdir -p $$(@D); [ -f $$@ ] && [ "$$$$(cat $$@)" = "$$(ARGS)" ] || printf '%s' "$$(ARGS)" > $$@
+endef
+
+.PHONY: help setup test all tokenize bench clean mlflow-ui FORCE
+
+help: ## Show the targets
+	@echo "usage: make <target> [EXP=$(EXP)] [ARGS='key=value ...']"
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+setup: ## Create .venv, install torch ($(TORCH)) first, then the project with its dev tools
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is needed, found " + sys.version'
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade pip
+	$(VENV)/bin/pip install '$(TORCH)'
+	$(VENV)/bin/pip install -e '.[dev]'
+
+test: ## Run the whole test suite, slow tests included (what CI runs)
+	$(PY) -m pytest --runslow -q
+
+all: tokenize ## Run the demo pipeline (every stage that exists), skipping what is up to date
+
+tokenize: $(OUT)/tokenize/manifest.json ## Train the tokenizer and encode the corpus into token shards
+
+$(eval $(call args_stamp,tokenize))
+$(OUT)/tokenize/manifest.json: $(OUT)/.args/tokenize $(COMMON) conf/tokenize.yaml $(wildcard conf/tokenizer/*.yaml) \
+		pipeline/stages/tokenize.py $(wildcard pipeline/tokenizer/*.py) $(wildcard pipeline/data/*.py)
+	$(STAGE) tokenize experiment=$(EXP) $(ARGS)
+
+bench: ## Benchmarks against baselines measured in the same run (outputs/bench/*.json)
+	$(PY) -m pipeline.bench
+
+mlflow-ui: ## Serve the MLflow dashboard on http://127.0.0.1:$(MLFLOW_PORT)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+clean: ## Remove outputs/$(EXP) (the MLflow store in outputs/ is kept)
+	rm -rf $(OUT)
+
+FORCE:

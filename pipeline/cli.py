@@ -1,0 +1,91 @@
+"""`python -m pipeline <stage> [hydra overrides]`: compose the config, run the stage under the contract.
+
+Hydra's own flags work after the stage name: --help, --cfg job, -m/--multirun, --info.
+User mistakes print as one line; HYDRA_FULL_ERROR=1 shows the traceback.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from pipeline import PROJECT_ROOT
+from pipeline.stages import STAGES
+
+CONF_DIR = PROJECT_ROOT / "conf"
+
+
+def usage() -> str:
+    width = max(map(len, STAGES))
+    lines = [f"  {name:<{width}}  {desc}" for name, (_, desc) in STAGES.items()]
+    return "\n".join([
+        "usage: python -m pipeline <stage> [key=value ...] [--help] [--cfg job] [-m]",
+        "",
+        "stages:",
+        *lines,
+        "",
+        "examples:",
+        "  python -m pipeline tokenize tokenizer.vocab_size=8000",
+        "  python -m pipeline tokenize -m tokenizer.vocab_size=512,1024   # a sweep: one MLflow parent run",
+        "  python -m pipeline tokenize --cfg job                           # print the composed config",
+        "  python -m pipeline tokenize --help                              # groups and options",
+    ])
+
+
+def _task(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import CompactHydraException
+    from hydra.types import RunMode
+
+    from pipeline.contract import execute_stage
+    from pipeline.errors import PipelineError
+    from pipeline.stages import load_stage
+    from pipeline.tracking import PARENT_RUN_ENV
+
+    hc = HydraConfig.get()
+    stage = hc.job.name
+    out_dir, run_name = None, stage
+    if hc.mode == RunMode.MULTIRUN:
+        # Each job of a sweep writes beside its Hydra job directory, not over outputs/<exp>/<stage>.
+        out_dir = Path(hc.runtime.output_dir) / stage
+        run_name = f"{stage}-{hc.job.num}" + (f" {hc.job.override_dirname}" if hc.job.override_dirname else "")
+    try:
+        execute_stage(stage, load_stage(stage), cfg, out_dir=out_dir,
+                      parent_run_id=os.environ.get(PARENT_RUN_ENV), run_name=run_name)
+    except PipelineError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+
+        class StageError(CompactHydraException):
+            pass
+
+        raise StageError(f"error: {stage}: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        print(f"error: unknown stage '{stage}'; stages: {', '.join(STAGES)}", file=sys.stderr)
+        return 2
+
+    import hydra
+
+    from pipeline import config  # noqa: F401  registers the schema and the ${root:} resolver
+    from pipeline.errors import StageKilled
+
+    sys.argv = [f"python -m pipeline {stage}", *rest, f"hydra.job.name={stage}"]
+    entry = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)
+    try:
+        entry()
+    except StageKilled as e:
+        print(f"{stage}: {e}; the MLflow run is marked KILLED and the previous output is untouched", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print(f"{stage}: interrupted; the MLflow run is marked KILLED and the previous output is untouched",
+              file=sys.stderr)
+        return 130
+    return 0

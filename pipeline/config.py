@@ -1,0 +1,58 @@
+"""Structured-config schema of conf/: misspelled or mistyped keys fail when the config is composed.
+
+The dataclasses that feed a library function live beside it (``SourceSpec``, ``TokenizerSpec``);
+this module assembles them into the root schema and registers it with Hydra's ConfigStore.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from pipeline import PROJECT_ROOT
+from pipeline.data.sources import SourceSpec
+from pipeline.tokenizer.build import TokenizerSpec
+
+
+@dataclass
+class PathsConfig:
+    root: str = MISSING  # the project directory (holds conf/ and outputs/)
+    data_dir: str = MISSING  # real public data for the demo and tests
+    outputs_dir: str = MISSING  # outputs/<experiment>/<stage>/, the MLflow store, caches
+    cache_dir: str = MISSING  # datasets' Arrow cache
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = MISSING  # MLflow tracking URI; MLFLOW_TRACKING_URI overrides the default
+    artifact_location: Optional[str] = None  # for experiments this pipeline creates; None: server's default
+    experiment: str = MISSING  # MLflow experiment name
+
+
+@dataclass
+class TokenizeConfig:
+    sources: Dict[str, SourceSpec] = field(default_factory=dict)
+    val_fraction: float = 0.01  # share of documents (by hash of their text) held out for validation
+    num_proc: int = 2  # processes for encoding
+    batch_size: int = 1000  # documents per encode batch
+    max_shard_tokens: int = 2**27  # a new shard file starts past this many tokens
+
+
+@dataclass
+class RootConfig:
+    name: str = MISSING  # experiment name: outputs/<name>/, MLflow experiment <name>
+    seed: int = 1337
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+
+
+def register() -> None:
+    """Make the schema and the ``${root:}`` resolver known to Hydra (idempotent)."""
+    ConfigStore.instance().store(name="schema", node=RootConfig)
+    if not OmegaConf.has_resolver("root"):
+        OmegaConf.register_new_resolver("root", lambda: str(PROJECT_ROOT))
+
+
+register()

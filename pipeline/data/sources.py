@@ -1,0 +1,135 @@
+"""Text sources: local JSONL/Parquet/text files (or an upstream stage's Parquet) read with datasets."""
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional
+
+import datasets
+import numpy as np
+
+from pipeline.errors import BadInput
+
+FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text",
+           ".md": "text", ".rst": "text"}
+COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
+SAMPLE_BY = ("line", "paragraph", "document")
+
+
+@dataclass
+class SourceSpec:
+    """One named text source. Exactly one of ``path`` and ``stage`` is set."""
+
+    path: Optional[str] = None  # a file, a directory or a glob pattern
+    stage: Optional[str] = None  # an upstream stage whose kept documents (kept/*.parquet) to read
+    format: Optional[str] = None  # json | parquet | text; None: from the file extension
+    text_field: str = "text"  # JSONL/Parquet field holding the document text
+    sample_by: str = "document"  # text files: one document per line | paragraph | document (file)
+    max_documents: Optional[int] = None  # keep only the first N documents
+
+
+def _stem_suffix(path: str) -> str:
+    name = path.lower()
+    for ext in COMPRESSION:
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    return os.path.splitext(name)[1]
+
+
+def resolve_files(name: str, pattern: str) -> list[str]:
+    """Expand a file, directory or glob into a sorted list of readable files."""
+    if os.path.isdir(pattern):
+        files = [str(p) for p in sorted(Path(pattern).rglob("*")) if p.is_file() and _stem_suffix(str(p)) in FORMATS]
+    elif glob.has_magic(pattern):
+        files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+    elif os.path.isfile(pattern):
+        files = [pattern]
+    else:
+        raise BadInput(f"source '{name}': {pattern} does not exist")
+    if not files:
+        raise BadInput(f"source '{name}': no files match {pattern}")
+    for f in files:
+        if not os.access(f, os.R_OK):
+            raise BadInput(f"source '{name}': {f} is not readable")
+    return files
+
+
+def infer_format(name: str, files: list[str]) -> str:
+    found = {FORMATS.get(_stem_suffix(f)) for f in files}
+    if None in found:
+        bad = next(f for f in files if _stem_suffix(f) not in FORMATS)
+        raise BadInput(f"source '{name}': cannot tell the format of {bad}; set its 'format' to json, parquet or text")
+    if len(found) > 1:
+        raise BadInput(f"source '{name}': files mix formats {sorted(found)}; split them into separate sources")
+    return found.pop()
+
+
+def _open(path: str):
+    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def find_bad_json_record(files: list[str], text_field: str) -> Optional[str]:
+    """Name the first record that datasets could not load: invalid JSON or a non-string text."""
+    for path in files:
+        try:
+            with _open(path) as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        return f"{path}: line {lineno}: invalid JSON ({e.msg})"
+                    value = record.get(text_field) if isinstance(record, dict) else None
+                    if not isinstance(record, dict):
+                        return f"{path}: line {lineno}: a record must be a JSON object"
+                    if value is not None and not isinstance(value, str):
+                        return f"{path}: line {lineno}: field '{text_field}' is {type(value).__name__}, not a string"
+        except UnicodeDecodeError as e:
+            return f"{path}: not UTF-8 ({e.reason} at byte {e.start})"
+        except (OSError, EOFError) as e:
+            return f"{path}: cannot be read ({e})"
+    return None
+
+
+def load_source(name: str, spec: SourceSpec, cache_dir: str) -> datasets.Dataset:
+    """Load one source as a Dataset with a single string column ``text``."""
+    if (spec.path is None) == (spec.stage is None):
+        raise BadInput(f"source '{name}': set exactly one of 'path' and 'stage'")
+    if spec.sample_by not in SAMPLE_BY:
+        raise BadInput(f"source '{name}': sample_by is '{spec.sample_by}'; use one of {', '.join(SAMPLE_BY)}")
+    files = resolve_files(name, spec.path)
+    fmt = spec.format or infer_format(name, files)
+    kwargs = {"sample_by": spec.sample_by} if fmt == "text" else {}
+    try:
+        ds = datasets.load_dataset(fmt, data_files=files, split="train", cache_dir=cache_dir, **kwargs)
+    except Exception as e:  # datasets wraps parse errors deep inside; find the record ourselves
+        where = find_bad_json_record(files, spec.text_field) if fmt == "json" else None
+        raise BadInput(f"source '{name}': {where or f'cannot read {spec.path} as {fmt}: {str(e).splitlines()[0]}'}") from e
+    field = "text" if fmt == "text" else spec.text_field
+    if field not in ds.column_names:
+        raise BadInput(f"source '{name}': {spec.path} has no field '{field}' (fields: {', '.join(ds.column_names)}); "
+                       f"set its text_field")
+    if ds.features[field].dtype not in ("string", "large_string"):
+        raise BadInput(f"source '{name}': field '{field}' holds {ds.features[field].dtype}, not text")
+    ds = ds.select_columns([field])
+    if field != "text":
+        ds = ds.rename_column(field, "text")
+    if spec.max_documents is not None:
+        ds = ds.select(range(min(spec.max_documents, len(ds))))
+    return ds
+
+
+def load_documents(sources: Mapping[str, SourceSpec], cache_dir: str) -> datasets.Dataset:
+    """All sources as one Dataset with columns ``text`` and ``source`` (an index into ``sources``)."""
+    if not sources:
+        raise BadInput("no sources configured: add one under tokenize.sources (see conf/experiment/demo.yaml)")
+    parts = []
+    for index, (name, spec) in enumerate(sources.items()):
+        ds = load_source(name, spec, cache_dir)
+        parts.append(ds.add_column("source", np.full(len(ds), index, dtype=np.int32)))
+    return datasets.concatenate_datasets(parts)

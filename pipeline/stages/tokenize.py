@@ -1,0 +1,85 @@
+"""tokenize: train (or load) a tokenizer, then encode the corpus into memory-mappable token shards."""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+
+import numpy as np
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.contract import StageContext, StageResult
+from pipeline.data.sources import SourceSpec, load_documents
+from pipeline.errors import BadInput
+from pipeline.tokenizer.build import TokenizerSpec, build_tokenizer
+from pipeline.tokenizer.encode import TRAIN, assign_splits, encode_documents, train_texts, write_token_shards
+
+SECTIONS = ("seed", "tokenize", "tokenizer")
+
+
+def upstream(cfg: DictConfig) -> list[str]:
+    return sorted({s.stage for s in cfg.tokenize.sources.values() if s.stage})
+
+
+def _sources(cfg: DictConfig, ctx: StageContext) -> dict[str, SourceSpec]:
+    """Sources as plain specs, with an upstream stage replaced by the path of its kept documents."""
+    specs = {}
+    for name, node in cfg.tokenize.sources.items():
+        spec: SourceSpec = OmegaConf.to_object(node)
+        if spec.stage is not None:
+            if spec.path is not None:
+                raise BadInput(f"tokenize.sources.{name}: set 'path' or 'stage', not both")
+            spec = dataclasses.replace(spec, path=str(ctx.inputs[spec.stage].dir / "kept"), stage=None, format="parquet")
+        specs[name] = spec
+    return specs
+
+
+def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
+    t = cfg.tokenize
+    spec: TokenizerSpec = OmegaConf.to_object(cfg.tokenizer)
+    sources = _sources(cfg, ctx)
+    docs = assign_splits(load_documents(sources, cache_dir=str(ctx.cache_dir / "datasets")),
+                         val_fraction=t.val_fraction, seed=cfg.seed, num_proc=t.num_proc)
+
+    started = time.perf_counter()
+    n_train = int(np.count_nonzero(docs.data.column("split").to_numpy() == TRAIN))
+    tokenizer = build_tokenizer(spec, train_texts(docs), length=n_train)
+    tokenizer_s = time.perf_counter() - started
+    tokenizer.save(str(ctx.build_dir / "tokenizer.json"))
+    eos_id = tokenizer.token_to_id(spec.special_tokens.eos)
+
+    started = time.perf_counter()
+    encoded = encode_documents(docs, tokenizer, eos_id, ctx.build_dir / "encoded" / "data.arrow",
+                               num_proc=t.num_proc, batch_size=t.batch_size)
+    shards = write_token_shards(encoded, ctx.build_dir, tokenizer.get_vocab_size(), t.max_shard_tokens, len(sources))
+    encode_s = time.perf_counter() - started
+    encoded.cleanup_cache_files()
+    del encoded
+    shutil.rmtree(ctx.build_dir / "encoded", ignore_errors=True)
+
+    counts = {split: {key: sum(v) for key, v in c.items()} for split, c in shards["counts"].items()}
+    if counts["val"]["documents"] == 0 and t.val_fraction > 0:
+        raise BadInput(f"the validation split is empty ({counts['train']['documents']} documents, "
+                       f"tokenize.val_fraction={t.val_fraction}); raise val_fraction or add documents")
+    per_source = {name: {split: {key: c[key][i] for key in c} for split, c in shards["counts"].items()}
+                  for i, name in enumerate(sources)}
+    total_bytes = counts["train"]["bytes"] + counts["val"]["bytes"]
+    metrics = {
+        "tokenize/vocab_size": tokenizer.get_vocab_size(),
+        "tokenize/train_tokens": counts["train"]["tokens"],
+        "tokenize/val_tokens": counts["val"]["tokens"],
+        "tokenize/train_documents": counts["train"]["documents"],
+        "tokenize/val_documents": counts["val"]["documents"],
+        "tokenize/empty_documents": counts["empty"]["documents"],
+        # EOS counts as a token: it is predicted like any other, so val loss * tokens / bytes is bits per byte.
+        "tokenize/val_bytes_per_token": counts["val"]["bytes"] / max(counts["val"]["tokens"], 1),
+        "tokenize/encode_mb_per_s": total_bytes / 1e6 / max(encode_s, 1e-9),
+        "tokenize/encode_seconds": encode_s,
+        "tokenize/tokenizer_seconds": tokenizer_s,
+    }
+    outputs = {"tokenizer": "tokenizer.json", "vocab_size": tokenizer.get_vocab_size(), "eos_id": eos_id,
+               "special_tokens": dataclasses.asdict(spec.special_tokens), "shards": shards["index"]}
+    return StageResult(counts={"documents_in": len(docs), **counts, "per_source": per_source},
+                       metrics=metrics, outputs=outputs)
+

@@ -1,0 +1,1 @@
+"""Tokenizers (byte-level BPE, plain bytes, or a given tokenizer.json) and corpus encoding."""

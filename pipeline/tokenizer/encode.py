@@ -1,0 +1,125 @@
+"""Encode a document Dataset into token shards: split by text hash, tokenize with datasets.map, write shards."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+
+from pipeline.data.shards import ShardWriter, token_dtype
+
+TRAIN, VAL, EMPTY = 0, 1, -1
+SPLITS = {"train": TRAIN, "val": VAL}
+
+
+class _SplitAssigner:
+    """Held-out membership from a hash of the text, so duplicates share a split and reruns agree."""
+
+    def __init__(self, val_fraction: float, seed: int):
+        self.threshold = int(val_fraction * 2**64)
+        self.key = str(seed).encode()
+
+    def __call__(self, batch: dict) -> dict:
+        splits, n_bytes = [], []
+        for text in batch["text"]:
+            raw = (text or "").encode("utf-8")
+            n_bytes.append(len(raw))
+            if not raw.strip():
+                splits.append(EMPTY)
+                continue
+            digest = int.from_bytes(hashlib.blake2b(raw, digest_size=8, key=self.key).digest(), "little")
+            splits.append(VAL if digest < self.threshold else TRAIN)
+        return {"split": np.array(splits, np.int8), "n_bytes": np.array(n_bytes, np.int64)}
+
+
+def assign_splits(docs: datasets.Dataset, val_fraction: float, seed: int, num_proc: int = 1) -> datasets.Dataset:
+    """Add ``split`` (0 train, 1 val, -1 empty document) and ``n_bytes`` (UTF-8 length) columns."""
+    assert 0.0 <= val_fraction < 1.0, val_fraction
+    return docs.map(_SplitAssigner(val_fraction, seed), batched=True, batch_size=1000, num_proc=_procs(num_proc, docs),
+                    desc="Assigning splits", keep_in_memory=True)
+
+
+def train_texts(docs: datasets.Dataset, batch_size: int = 1000) -> Iterator[list[str]]:
+    """Batches of training-split texts, for tokenizer training."""
+    for batch in docs.select_columns(["text", "split"]).iter(batch_size=batch_size):
+        yield [t for t, s in zip(batch["text"], batch["split"]) if s == TRAIN]
+
+
+class _Encoder:
+    """Picklable map function: tokenizes a batch and appends EOS to every document."""
+
+    def __init__(self, tokenizer_json: str, eos_id: int):
+        self.tokenizer_json, self.eos_id = tokenizer_json, eos_id
+        self._tokenizer = None
+
+    def __getstate__(self):
+        return {"tokenizer_json": self.tokenizer_json, "eos_id": self.eos_id, "_tokenizer": None}
+
+    def __call__(self, batch: dict) -> dict:
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.from_str(self.tokenizer_json)
+            self._tokenizer.encode_special_tokens = True  # "</s>" written in a web page is text, not EOS
+        encodings = self._tokenizer.encode_batch_fast([t or "" for t in batch["text"]], add_special_tokens=False)
+        lengths = np.fromiter((len(e.ids) + 1 for e in encodings), np.int32, len(encodings))
+        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int32)])
+        values = np.empty(offsets[-1], np.int32)
+        for end, enc in zip(offsets[1:], encodings):
+            n = len(enc.ids)
+            values[end - n - 1:end - 1] = enc.ids
+            values[end - 1] = self.eos_id
+        return {"ids": np.split(values, offsets[1:-1])}
+
+
+def _procs(num_proc: int, docs: datasets.Dataset) -> int | None:
+    return num_proc if num_proc > 1 and len(docs) >= 2 * num_proc else None
+
+
+def encode_documents(docs: datasets.Dataset, tokenizer: Tokenizer, eos_id: int, cache_file: Path,
+                     num_proc: int = 1, batch_size: int = 1000) -> datasets.Dataset:
+    """Add an ``ids`` column (tokens + EOS) and drop ``text``; the Arrow result goes to ``cache_file``."""
+    if num_proc > 1:
+        # Each worker then encodes on one thread; tokenizers would otherwise warn after the fork.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    features = docs.features.copy()
+    del features["text"]
+    features["ids"] = datasets.List(datasets.Value("int32"))
+    return docs.map(_Encoder(tokenizer.to_str(), eos_id), batched=True, batch_size=batch_size,
+                    num_proc=_procs(num_proc, docs), remove_columns=["text"], features=features,
+                    cache_file_name=str(cache_file), load_from_cache_file=False, desc="Encoding")
+
+
+def write_token_shards(encoded: datasets.Dataset, out_dir: Path, vocab_size: int, max_shard_tokens: int,
+                       n_sources: int) -> dict:
+    """Write train/val shards from an encoded Dataset; return the shard index and per-split counts."""
+    dtype = token_dtype(vocab_size)
+    writers = {name: ShardWriter(out_dir, name, dtype, max_shard_tokens) for name in SPLITS}
+    counts = {name: {"documents": np.zeros(n_sources, np.int64), "tokens": np.zeros(n_sources, np.int64),
+                     "bytes": np.zeros(n_sources, np.int64)} for name in [*SPLITS, "empty"]}
+    table_iter = encoded.with_format("arrow").iter(batch_size=10_000)
+    for table in tqdm(table_iter, total=-(-len(encoded) // 10_000), desc="Writing shards", unit="batch"):
+        split = table["split"].to_numpy()
+        source = table["source"].to_numpy()
+        n_bytes = table["n_bytes"].to_numpy()
+        ids = table["ids"].combine_chunks()
+        for name, code in [*SPLITS.items(), ("empty", EMPTY)]:
+            mask = split == code
+            if not mask.any():
+                continue
+            c = counts[name]
+            c["documents"] += np.bincount(source[mask], minlength=n_sources)
+            c["bytes"] += np.bincount(source[mask], weights=n_bytes[mask], minlength=n_sources).astype(np.int64)
+            if name == "empty":
+                continue
+            picked = pc.filter(ids, pa.array(mask))
+            lengths = pc.list_value_length(picked).to_numpy(zero_copy_only=False).astype(np.int64)
+            c["tokens"] += np.bincount(source[mask], weights=lengths, minlength=n_sources).astype(np.int64)
+            writers[name].add(picked.flatten().to_numpy(zero_copy_only=False), lengths)
+    index = {"dtype": dtype.name, "splits": {name: w.close() for name, w in writers.items()}}
+    return {"index": index, "counts": {name: {k: v.tolist() for k, v in c.items()} for name, c in counts.items()}}
