@@ -11,9 +11,13 @@ TORCH ?= torch==2.13.0
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-OUT := outputs/$(EXP)
+OUTPUTS ?= outputs
+OUT := $(OUTPUTS)/$(EXP)
 STAGE = $(PY) -m pipeline
 MLFLOW_PORT ?= 5000
+
+# Every stage gets the preset, the outputs folder (when not the default) and the user's overrides.
+STAGE_ARGS = experiment=$(EXP) $(if $(filter-out outputs,$(OUTPUTS)),paths.outputs_dir=$(abspath $(OUTPUTS))) $(ARGS)
 
 # What every stage's output depends on: the shared config, the preset, the contract and tracking code.
 COMMON := conf/config.yaml $(wildcard conf/tracking/*.yaml) conf/experiment/$(EXP).yaml \
@@ -48,13 +52,13 @@ tokenize: $(OUT)/tokenize/manifest.json ## Train the tokenizer and encode the co
 $(eval $(call args_stamp,tokenize))
 $(OUT)/tokenize/manifest.json: $(OUT)/.args/tokenize $(COMMON) conf/tokenize.yaml $(wildcard conf/tokenizer/*.yaml) \
 		pipeline/stages/tokenize.py $(wildcard pipeline/tokenizer/*.py) $(wildcard pipeline/data/*.py)
-	$(STAGE) tokenize experiment=$(EXP) $(ARGS)
+	$(STAGE) tokenize $(STAGE_ARGS)
 
 bench: ## Benchmarks against baselines measured in the same run (outputs/bench/*.json)
 	$(PY) -m pipeline.bench
 
 mlflow-ui: ## Serve the MLflow dashboard on http://127.0.0.1:$(MLFLOW_PORT)
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath $(OUTPUTS))/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 clean: ## Remove outputs/$(EXP) (the MLflow store in outputs/ is kept)
 	rm -rf $(OUT)

@@ -13,6 +13,7 @@ from pipeline import PROJECT_ROOT
 from pipeline.stages import STAGES
 
 CONF_DIR = PROJECT_ROOT / "conf"
+STAGE_ENV = "PIPELINE_STAGE"
 
 
 def usage() -> str:
@@ -37,6 +38,7 @@ def _task(cfg) -> None:
     from hydra.errors import CompactHydraException
     from hydra.types import RunMode
 
+    from pipeline.config import validate
     from pipeline.contract import execute_stage
     from pipeline.errors import PipelineError
     from pipeline.stages import load_stage
@@ -44,14 +46,16 @@ def _task(cfg) -> None:
 
     hc = HydraConfig.get()
     stage = hc.job.name
-    out_dir, run_name = None, stage
+    out_dir, run_name, tags = None, stage, {}
     if hc.mode == RunMode.MULTIRUN:
         # Each job of a sweep writes beside its Hydra job directory, not over outputs/<exp>/<stage>.
         out_dir = Path(hc.runtime.output_dir) / stage
-        run_name = f"{stage}-{hc.job.num}" + (f" {hc.job.override_dirname}" if hc.job.override_dirname else "")
+        run_name = f"{stage}-{hc.job.num}"
+        tags = {"overrides": hc.job.override_dirname, "sweep_job": str(hc.job.num)}
     try:
+        validate(cfg)
         execute_stage(stage, load_stage(stage), cfg, out_dir=out_dir,
-                      parent_run_id=os.environ.get(PARENT_RUN_ENV), run_name=run_name)
+                      parent_run_id=os.environ.get(PARENT_RUN_ENV), run_name=run_name, extra_tags=tags)
     except PipelineError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -77,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline import config  # noqa: F401  registers the schema and the ${root:} resolver
     from pipeline.errors import StageKilled
 
-    sys.argv = [f"python -m pipeline {stage}", *rest, f"hydra.job.name={stage}"]
+    # conf/config.yaml names the Hydra job after this variable (log and sweep folders, run names).
+    os.environ[STAGE_ENV] = stage
+    sys.argv = [f"python -m pipeline {stage}", *rest]
     entry = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)
     try:
         entry()

@@ -4,7 +4,7 @@ The dataclasses that feed a library function live beside it (``SourceSpec``, ``T
 this module assembles them into the root schema and registers it with Hydra's ConfigStore.
 """
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, Type, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -31,7 +31,9 @@ class TrackingConfig:
 
 @dataclass
 class TokenizeConfig:
-    sources: Dict[str, SourceSpec] = field(default_factory=dict)
+    # name -> SourceSpec. Typed as Any so `+tokenize.sources.NAME={path: ...}` works on the command line
+    # (OmegaConf cannot append to a Dict of dataclasses); validate() checks each entry against SourceSpec.
+    sources: Dict[str, Any] = field(default_factory=dict)
     val_fraction: float = 0.01  # share of documents (by hash of their text) held out for validation
     num_proc: int = 2  # processes for encoding
     batch_size: int = 1000  # documents per encode batch
@@ -46,6 +48,41 @@ class RootConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+
+
+T = TypeVar("T")
+
+
+def typed(node: Any, schema: Type[T], key: str) -> T:
+    """A config node as a ``schema`` dataclass; a bad key or value names ``key``."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from pipeline.errors import PipelineError
+
+    try:
+        values = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+    except OmegaConfBaseException as e:
+        inner = getattr(e, "full_key", None)
+        raise PipelineError(f"config key '{key}{'.' + inner if inner else ''}': {str(e).splitlines()[0]}") from None
+
+
+def validate(cfg) -> None:
+    """Check a composed config against the schema again.
+
+    Hydra's ``+key=value`` opens the struct flag to append, which would let a misspelled key in.
+    """
+    from omegaconf.errors import OmegaConfBaseException
+
+    from pipeline.errors import PipelineError
+
+    try:
+        OmegaConf.merge(OmegaConf.structured(RootConfig), OmegaConf.to_container(cfg, resolve=False))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise PipelineError(f"config key '{key}': {str(e).splitlines()[0]}") from None
+    for name, node in cfg.tokenize.sources.items():
+        typed(node, SourceSpec, f"tokenize.sources.{name}")
 
 
 def register() -> None:

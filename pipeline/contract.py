@@ -139,7 +139,8 @@ def tracking_settings(cfg: DictConfig) -> TrackingSettings:
 
 
 def execute_stage(stage: str, module: ModuleType, cfg: DictConfig, out_dir: Optional[Path] = None,
-                  parent_run_id: Optional[str] = None, run_name: Optional[str] = None) -> dict:
+                  parent_run_id: Optional[str] = None, run_name: Optional[str] = None,
+                  extra_tags: Optional[dict[str, str]] = None) -> dict:
     """Run one stage under the contract and return its manifest."""
     started = time.time()
     outputs_dir = Path(cfg.paths.outputs_dir)
@@ -150,7 +151,7 @@ def execute_stage(stage: str, module: ModuleType, cfg: DictConfig, out_dir: Opti
     chash = config_hash({"config": sections, "inputs": {n: u.hash for n, u in inputs.items()}})
     commit = git_commit()
     tags = {"stage": stage, "config_hash": chash, "git_commit": commit, "mlflow.source.git.commit": commit,
-            **{f"upstream.{n}.run_id": u.run_id or "" for n, u in inputs.items()}}
+            **{f"upstream.{n}.run_id": u.run_id or "" for n, u in inputs.items()}, **(extra_tags or {})}
     with stage_run(tracking_settings(cfg), run_name=run_name or stage, tags=tags, params=flatten(sections),
                    parent_run_id=parent_run_id) as run:
         run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")

@@ -9,6 +9,7 @@ import numpy as np
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.config import typed
 from pipeline.contract import StageContext, StageResult
 from pipeline.data.sources import SourceSpec, load_documents
 from pipeline.errors import BadInput
@@ -19,14 +20,14 @@ SECTIONS = ("seed", "tokenize", "tokenizer")
 
 
 def upstream(cfg: DictConfig) -> list[str]:
-    return sorted({s.stage for s in cfg.tokenize.sources.values() if s.stage})
+    return sorted({s.get("stage") for s in cfg.tokenize.sources.values() if s.get("stage")})
 
 
 def _sources(cfg: DictConfig, ctx: StageContext) -> dict[str, SourceSpec]:
     """Sources as plain specs, with an upstream stage replaced by the path of its kept documents."""
     specs = {}
     for name, node in cfg.tokenize.sources.items():
-        spec: SourceSpec = OmegaConf.to_object(node)
+        spec = typed(node, SourceSpec, f"tokenize.sources.{name}")
         if spec.stage is not None:
             if spec.path is not None:
                 raise BadInput(f"tokenize.sources.{name}: set 'path' or 'stage', not both")

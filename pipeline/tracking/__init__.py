@@ -6,6 +6,7 @@ stage, a Lightning logger and a sweep callback can share a store without steppin
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -100,14 +101,25 @@ class StageRun:
 
 
 @contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into StageKilled in the main thread, so cleanup and KILLED status happen."""
+def _sigterm_raises(killed: list[str]) -> Iterator[None]:
+    """Turn SIGTERM into StageKilled in the main thread, so cleanup and KILLED status happen.
+
+    The signal's name is also appended to ``killed``: a library's cleanup may replace our exception
+    with one of its own (datasets' worker pool raises TimeoutError), and the kill must still win.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
+    owner = os.getpid()
+
     def handler(signum, frame):
-        raise StageKilled(signal.Signals(signum).name)
+        if os.getpid() != owner:  # a forked worker (datasets' pool) inherited the handler: just die
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        killed.append(signal.Signals(signum).name)
+        raise StageKilled(killed[-1])
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
@@ -135,13 +147,17 @@ def stage_run(settings: TrackingSettings, run_name: str, tags: Mapping[str, str]
                                  tags={k: str(v) for k, v in all_tags.items()}).info
         run = StageRun(client, info.run_id)
         run.log_params(params)
-    with _sigterm_raises():
+    killed: list[str] = []
+    with _sigterm_raises(killed):
         try:
             yield run
         except (StageKilled, KeyboardInterrupt):
             client.set_terminated(run.run_id, status="KILLED")
             raise
         except BaseException as e:
+            if killed:
+                client.set_terminated(run.run_id, status="KILLED")
+                raise StageKilled(killed[0]) from e
             client.set_tag(run.run_id, "error", f"{type(e).__name__}: {e}"[:5000])
             client.set_terminated(run.run_id, status="FAILED")
             raise

@@ -1,0 +1,90 @@
+"""Shared fixtures: the real data, a real SQLite MLflow store, and the real config shrunk for tests."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from pipeline import PROJECT_ROOT
+from pipeline import config as _config  # noqa: F401  registers the schema and ${root:}
+
+CONF_DIR = str(PROJECT_ROOT / "conf")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow (make test does)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow (make test)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """../shared/data (or PIPELINE_DATA_DIR): the one way tests reach real data."""
+    path = Path(os.environ.get("PIPELINE_DATA_DIR", PROJECT_ROOT.parent / "shared" / "data")).resolve()
+    assert (path / "SOURCES.md").is_file(), f"the shared data is missing at {path}; set PIPELINE_DATA_DIR"
+    return path
+
+
+@pytest.fixture(scope="session")
+def tracking_uri(tmp_path_factory) -> str:
+    """One SQLite store per test session (creating MLflow's tables takes seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+@pytest.fixture
+def experiment() -> str:
+    """A fresh MLflow experiment name per test, so runs of different tests never mix."""
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+def tiny_tokenize_overrides(data_dir: Path) -> list[str]:
+    """The demo's tokenize shrunk to seconds: 1,500 speeches of tiny shakespeare and 20 web documents."""
+    return [
+        "~tokenize.sources.novels",
+        "++tokenize.sources.shakespeare.max_documents=1500",
+        f"paths.data_dir={data_dir}",
+        "tokenize.val_fraction=0.05",
+    ]
+
+
+@pytest.fixture
+def make_cfg(tmp_path, tracking_uri, experiment, data_dir):
+    """Compose the real config (demo preset) with test outputs, store and overrides."""
+
+    def _compose(*overrides: str, outputs_dir: Path | None = None):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose("config", overrides=[
+                f"paths.outputs_dir={outputs_dir or tmp_path / 'outputs'}",
+                f"tracking.uri={tracking_uri}",
+                f"tracking.experiment={experiment}",
+                *tiny_tokenize_overrides(data_dir),
+                "tokenizer.vocab_size=512",
+                *overrides,
+            ])
+
+    return _compose
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=PROJECT_ROOT, env={**os.environ, **(env or {})})
+
+
+def mlflow_runs(tracking_uri: str, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    return [] if exp is None else client.search_runs([exp.experiment_id])

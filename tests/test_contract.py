@@ -1,0 +1,109 @@
+"""The stage contract: build aside, manifest last, upstream checks, kills leave the old output."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import PROJECT_ROOT
+from pipeline.contract import MANIFEST, building, execute_stage, read_upstream, write_manifest
+from pipeline.errors import MissingUpstream
+from pipeline.stages import load_stage
+from tests.conftest import mlflow_runs, run_cli, tiny_tokenize_overrides
+
+
+def test_building_publishes_only_a_complete_directory(tmp_path):
+    final = tmp_path / "tokenize"
+    with building(final) as build:
+        (build / "a.bin").write_bytes(b"old")
+        write_manifest(build, {"stage": "tokenize", "n": 1})
+    assert json.loads((final / MANIFEST).read_text())["n"] == 1
+
+    with pytest.raises(RuntimeError):
+        with building(final) as build:
+            (build / "a.bin").write_bytes(b"new")
+            raise RuntimeError("crashed half-way")
+    assert (final / "a.bin").read_bytes() == b"old" and json.loads((final / MANIFEST).read_text())["n"] == 1
+    assert not (build / MANIFEST).exists()
+
+    with building(final) as build:  # the next run wipes the leftover partial directory
+        assert list(build.iterdir()) == []
+        write_manifest(build, {"stage": "tokenize", "n": 2})
+    assert json.loads((final / MANIFEST).read_text())["n"] == 2 and not (final / "a.bin").exists()
+
+
+def test_missing_upstream_names_the_make_target(tmp_path):
+    with pytest.raises(MissingUpstream) as err:
+        read_upstream(tmp_path, "demo", "dedup")
+    assert str(err.value).endswith("manifest.json is missing: run 'make dedup' first")
+    with pytest.raises(MissingUpstream, match="run 'make dedup EXP=paper' first"):
+        read_upstream(tmp_path, "paper", "dedup")
+
+
+def test_cli_missing_upstream_is_one_line(tmp_path, data_dir):
+    proc = run_cli("tokenize", f"paths.outputs_dir={tmp_path}", f"paths.data_dir={data_dir}",
+                   "+tokenize.sources.deduped={stage: dedup}")
+    assert proc.returncode != 0
+    assert "demo/dedup/manifest.json is missing: run 'make dedup' first" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _fake_upstream(outputs, stage, texts):
+    """A finished upstream stage with Parquet kept documents, as filter/dedup publish them."""
+    final = outputs / "demo" / stage
+    with building(final) as build:
+        (build / "kept").mkdir()
+        pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), build / "kept" / "part-0.parquet")
+        write_manifest(build, {"stage": stage, "mlflow_run_id": "upstream-run-123"})
+    return final
+
+
+def test_tokenize_reads_an_upstream_stage_and_records_lineage(make_cfg, tmp_path, tracking_uri, experiment):
+    outputs = tmp_path / "outputs"
+    texts = [f"Document number {i}: the quick brown fox jumps over the lazy dog. " * 3 for i in range(400)]
+    _fake_upstream(outputs, "dedup", texts)
+    cfg = make_cfg("~tokenize.sources.shakespeare", "~tokenize.sources.web", "+tokenize.sources.deduped={stage: dedup}",
+                   "tokenizer=bytes", "tokenize.val_fraction=0.1")
+    manifest = execute_stage("tokenize", load_stage("tokenize"), cfg)
+    assert manifest["inputs"]["dedup"]["mlflow_run_id"] == "upstream-run-123"
+    assert manifest["counts"]["documents_in"] == 400
+    (run,) = mlflow_runs(tracking_uri, experiment)
+    assert run.data.tags["upstream.dedup.run_id"] == "upstream-run-123"
+    assert run.data.tags["config_hash"] == manifest["config_hash"]
+
+
+@pytest.mark.slow
+def test_a_killed_stage_leaves_no_manifest_and_the_previous_output_intact(tmp_path, data_dir, tracking_uri,
+                                                                           experiment):
+    common = [f"paths.outputs_dir={tmp_path}", f"tracking.experiment={experiment}"]
+    env = {"MLFLOW_TRACKING_URI": tracking_uri}
+    first = run_cli("tokenize", *common, *tiny_tokenize_overrides(data_dir), "tokenizer.vocab_size=512", env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    final = tmp_path / "demo" / "tokenize"
+    before = {p.name: p.read_bytes() for p in final.iterdir()}
+
+    # The whole demo corpus takes long enough to be killed in the middle of its work.
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "tokenize", *common, f"paths.data_dir={data_dir}"],
+                            cwd=PROJECT_ROOT, env={**__import__("os").environ, **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "demo" / ".tokenize.partial"
+    deadline = time.time() + 120
+    while not partial.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "KILLED" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in final.iterdir()} == before
+    assert not (partial / MANIFEST).exists()
+    statuses = sorted(r.info.status for r in mlflow_runs(tracking_uri, experiment))
+    assert statuses == ["FINISHED", "KILLED"]
