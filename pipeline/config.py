@@ -36,7 +36,7 @@ class TokenizeConfig:
     sources: Dict[str, Any] = field(default_factory=dict)
     val_fraction: float = 0.01  # share of documents (by hash of their text) held out for validation
     num_proc: int = 2  # processes for encoding
-    batch_size: int = 1000  # documents per encode batch
+    batch_size: int = 5000  # documents per encode batch
     max_shard_tokens: int = 2**27  # a new shard file starts past this many tokens
 
 

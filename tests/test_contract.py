@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -90,7 +91,7 @@ def test_a_killed_stage_leaves_no_manifest_and_the_previous_output_intact(tmp_pa
 
     # The whole demo corpus takes long enough to be killed in the middle of its work.
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "tokenize", *common, f"paths.data_dir={data_dir}"],
-                            cwd=PROJECT_ROOT, env={**__import__("os").environ, **env},
+                            cwd=PROJECT_ROOT, env={**os.environ, **env},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     partial = tmp_path / "demo" / ".tokenize.partial"
     deadline = time.time() + 120

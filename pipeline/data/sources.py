@@ -30,6 +30,23 @@ class SourceSpec:
     text_field: str = "text"  # JSONL/Parquet field holding the document text
     sample_by: str = "document"  # text files: one document per line | paragraph | document (file)
     max_documents: Optional[int] = None  # keep only the first N documents
+    max_document_chars: Optional[int] = None  # split longer documents at line breaks into pieces this long
+
+
+def split_long(text: str, max_chars: int) -> list[str]:
+    """Cut ``text`` into consecutive pieces of at most ``max_chars``, at line breaks where there are any.
+
+    Joining the pieces gives the text back; a line longer than ``max_chars`` is cut inside.
+    """
+    assert max_chars > 0, max_chars
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        cut = text.rfind("\n", start, start + max_chars)
+        end = cut + 1 if cut >= start else start + max_chars
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    return pieces
 
 
 def _stem_suffix(path: str) -> str:
@@ -114,13 +131,19 @@ def load_source(name: str, spec: SourceSpec, cache_dir: str) -> datasets.Dataset
     if field not in ds.column_names:
         raise BadInput(f"source '{name}': {spec.path} has no field '{field}' (fields: {', '.join(ds.column_names)}); "
                        f"set its text_field")
-    if ds.features[field].dtype not in ("string", "large_string"):
-        raise BadInput(f"source '{name}': field '{field}' holds {ds.features[field].dtype}, not text")
+    feature = ds.features[field]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        where = find_bad_json_record(files, field) if fmt == "json" else None
+        raise BadInput(f"source '{name}': {where or f'field {field!r} holds {feature}, not text'}")
     ds = ds.select_columns([field])
     if field != "text":
         ds = ds.rename_column(field, "text")
     if spec.max_documents is not None:
         ds = ds.select(range(min(spec.max_documents, len(ds))))
+    if spec.max_document_chars is not None:
+        limit = spec.max_document_chars
+        ds = ds.map(lambda b: {"text": [p for t in b["text"] for p in split_long(t or "", limit)]}, batched=True,
+                    desc=f"Splitting {name} documents over {limit} characters")
     return ds
 
 

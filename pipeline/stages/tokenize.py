@@ -14,6 +14,7 @@ from pipeline.contract import StageContext, StageResult
 from pipeline.data.sources import SourceSpec, load_documents
 from pipeline.errors import BadInput
 from pipeline.tokenizer.build import TokenizerSpec, build_tokenizer
+from pipeline.tokenizer.plots import plot_corpus
 from pipeline.tokenizer.encode import TRAIN, assign_splits, encode_documents, train_texts, write_token_shards
 
 SECTIONS = ("seed", "tokenize", "tokenizer")
@@ -66,6 +67,12 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
     per_source = {name: {split: {key: c[key][i] for key in c} for split, c in shards["counts"].items()}
                   for i, name in enumerate(sources)}
     total_bytes = counts["train"]["bytes"] + counts["val"]["bytes"]
+    names = list(sources)
+    bytes_per_token = [(s["train"]["bytes"] + s["val"]["bytes"]) / max(s["train"]["tokens"] + s["val"]["tokens"], 1)
+                       for s in per_source.values()]
+    hist = shards["length_histogram"]
+    ctx.run.log_artifact(plot_corpus(hist["bins"], hist["counts"], names, bytes_per_token,
+                                     ctx.build_dir / "corpus.png"))
     metrics = {
         "tokenize/vocab_size": tokenizer.get_vocab_size(),
         "tokenize/train_tokens": counts["train"]["tokens"],
@@ -79,7 +86,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
         "tokenize/encode_seconds": encode_s,
         "tokenize/tokenizer_seconds": tokenizer_s,
     }
-    outputs = {"tokenizer": "tokenizer.json", "vocab_size": tokenizer.get_vocab_size(), "eos_id": eos_id,
+    outputs = {"tokenizer": "tokenizer.json", "plot": "corpus.png", "length_histogram": hist, "vocab_size": tokenizer.get_vocab_size(), "eos_id": eos_id,
                "special_tokens": dataclasses.asdict(spec.special_tokens), "shards": shards["index"]}
     return StageResult(counts={"documents_in": len(docs), **counts, "per_source": per_source},
                        metrics=metrics, outputs=outputs)

@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 from pipeline.data.shards import ShardWriter, token_dtype
 
 TRAIN, VAL, EMPTY = 0, 1, -1
+# Document length histogram bins, in tokens (EOS included): 1, 2, 4, ... 2^24.
+LENGTH_BINS = [0] + [2**k for k in range(25)]
 SPLITS = {"train": TRAIN, "val": VAL}
 
 
@@ -67,14 +69,7 @@ class _Encoder:
             self._tokenizer = Tokenizer.from_str(self.tokenizer_json)
             self._tokenizer.encode_special_tokens = True  # "</s>" written in a web page is text, not EOS
         encodings = self._tokenizer.encode_batch_fast([t or "" for t in batch["text"]], add_special_tokens=False)
-        lengths = np.fromiter((len(e.ids) + 1 for e in encodings), np.int32, len(encodings))
-        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int32)])
-        values = np.empty(offsets[-1], np.int32)
-        for end, enc in zip(offsets[1:], encodings):
-            n = len(enc.ids)
-            values[end - n - 1:end - 1] = enc.ids
-            values[end - 1] = self.eos_id
-        return {"ids": np.split(values, offsets[1:-1])}
+        return {"ids": [e.ids + [self.eos_id] for e in encodings]}
 
 
 def _procs(num_proc: int, docs: datasets.Dataset) -> int | None:
@@ -84,15 +79,23 @@ def _procs(num_proc: int, docs: datasets.Dataset) -> int | None:
 def encode_documents(docs: datasets.Dataset, tokenizer: Tokenizer, eos_id: int, cache_file: Path,
                      num_proc: int = 1, batch_size: int = 1000) -> datasets.Dataset:
     """Add an ``ids`` column (tokens + EOS) and drop ``text``; the Arrow result goes to ``cache_file``."""
-    if num_proc > 1:
-        # Each worker then encodes on one thread; tokenizers would otherwise warn after the fork.
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     features = docs.features.copy()
     del features["text"]
     features["ids"] = datasets.List(datasets.Value("int32"))
-    return docs.map(_Encoder(tokenizer.to_str(), eos_id), batched=True, batch_size=batch_size,
-                    num_proc=_procs(num_proc, docs), remove_columns=["text"], features=features,
-                    cache_file_name=str(cache_file), load_from_cache_file=False, desc="Encoding")
+    procs = _procs(num_proc, docs)
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    if procs:
+        # Forked workers then encode on one thread each (tokenizers would warn and do so anyway).
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        return docs.map(_Encoder(tokenizer.to_str(), eos_id), batched=True, batch_size=batch_size, num_proc=procs,
+                        remove_columns=["text"], features=features, cache_file_name=str(cache_file),
+                        load_from_cache_file=False, desc="Encoding")
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
 def write_token_shards(encoded: datasets.Dataset, out_dir: Path, vocab_size: int, max_shard_tokens: int,
@@ -102,6 +105,7 @@ def write_token_shards(encoded: datasets.Dataset, out_dir: Path, vocab_size: int
     writers = {name: ShardWriter(out_dir, name, dtype, max_shard_tokens) for name in SPLITS}
     counts = {name: {"documents": np.zeros(n_sources, np.int64), "tokens": np.zeros(n_sources, np.int64),
                      "bytes": np.zeros(n_sources, np.int64)} for name in [*SPLITS, "empty"]}
+    length_counts = np.zeros((n_sources, len(LENGTH_BINS) - 1), np.int64)
     table_iter = encoded.with_format("arrow").iter(batch_size=10_000)
     for table in tqdm(table_iter, total=-(-len(encoded) // 10_000), desc="Writing shards", unit="batch"):
         split = table["split"].to_numpy()
@@ -120,6 +124,8 @@ def write_token_shards(encoded: datasets.Dataset, out_dir: Path, vocab_size: int
             picked = pc.filter(ids, pa.array(mask))
             lengths = pc.list_value_length(picked).to_numpy(zero_copy_only=False).astype(np.int64)
             c["tokens"] += np.bincount(source[mask], weights=lengths, minlength=n_sources).astype(np.int64)
+            np.add.at(length_counts, (source[mask], np.digitize(lengths, LENGTH_BINS[1:])), 1)
             writers[name].add(picked.flatten().to_numpy(zero_copy_only=False), lengths)
     index = {"dtype": dtype.name, "splits": {name: w.close() for name, w in writers.items()}}
-    return {"index": index, "counts": {name: {k: v.tolist() for k, v in c.items()} for name, c in counts.items()}}
+    return {"index": index, "counts": {name: {k: v.tolist() for k, v in c.items()} for name, c in counts.items()},
+            "length_histogram": {"bins": LENGTH_BINS, "counts": length_counts.tolist()}}

@@ -1,0 +1,37 @@
+"""`python -m pipeline.bench [name ...] [--quick]`: run benchmarks, print a table, write outputs/bench/<name>.json."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from pathlib import Path
+
+from pipeline import PROJECT_ROOT
+
+BENCHMARKS = {"tokenize_encode": "pipeline.bench.tokenize_encode"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__)
+    parser.add_argument("names", nargs="*", choices=[[], *BENCHMARKS], help="benchmarks to run (default: all)")
+    parser.add_argument("--quick", action="store_true", help="a small corpus, for a smoke test")
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "outputs" / "bench")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.names or BENCHMARKS:
+        result = importlib.import_module(BENCHMARKS[name]).run(quick=args.quick)
+        (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        rows.append(result)
+    print(f"\n{'benchmark':<18} {'baseline':>24} {'candidate':>24} {'ratio':>7} {'goal':>6}")
+    for r in rows:
+        b, c = r["baseline"], r["candidate"]
+        unit = next(k for k in b if k not in ("name", "runs"))
+        print(f"{r['name']:<18} {b[unit]:>15.3f} {unit:>8} {c[unit]:>15.3f} {unit:>8} {r['ratio']:>7.3f} "
+              f"{'>=' + str(r['goal']):>6} {'ok' if r['meets_goal'] else 'BELOW GOAL'}")
+    print(f"\nwritten to {args.out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

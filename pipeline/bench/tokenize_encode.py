@@ -1,0 +1,62 @@
+"""Encode throughput of the tokenize stage (datasets.map + shard writing) vs raw `encode_batch`."""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from pipeline import PROJECT_ROOT
+from pipeline.config import typed
+from pipeline.data.sources import SourceSpec, load_documents
+from pipeline.tokenizer.build import SpecialTokens, train_bpe
+from pipeline.tokenizer.encode import assign_splits, encode_documents, train_texts, write_token_shards
+
+GOAL = 0.9  # the stage should keep at least this share of raw tokenizers throughput
+
+
+def run(quick: bool = False, repeats: int = 3) -> dict:
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["~tokenize.sources.novels"] if quick else [])
+    sources = {n: typed(node, SourceSpec, n) for n, node in cfg.tokenize.sources.items()}
+    docs = assign_splits(load_documents(sources, cache_dir=str(Path(cfg.paths.cache_dir) / "datasets")),
+                         val_fraction=cfg.tokenize.val_fraction, seed=cfg.seed, num_proc=cfg.tokenize.num_proc)
+    tokenizer = train_bpe(train_texts(docs), cfg.tokenizer.vocab_size, 2, SpecialTokens().all())
+    eos = tokenizer.token_to_id("</s>")
+    texts = docs["text"]
+    mb = sum(docs["n_bytes"]) / 1e6
+
+    def raw() -> float:
+        started = time.perf_counter()
+        for i in range(0, len(texts), cfg.tokenize.batch_size):
+            tokenizer.encode_batch_fast(texts[i:i + cfg.tokenize.batch_size], add_special_tokens=False)
+        return mb / (time.perf_counter() - started)
+
+    def stage() -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.perf_counter()
+            encoded = encode_documents(docs, tokenizer, eos, Path(tmp) / "enc.arrow", num_proc=cfg.tokenize.num_proc,
+                                       batch_size=cfg.tokenize.batch_size)
+            write_token_shards(encoded, Path(tmp), tokenizer.get_vocab_size(), cfg.tokenize.max_shard_tokens,
+                               len(sources))
+            return mb / (time.perf_counter() - started)
+
+    raw_runs, stage_runs = [], []
+    for _ in range(repeats):  # interleaved, so drift in machine load hits both alike
+        raw_runs.append(raw())
+        stage_runs.append(stage())
+    baseline, candidate = statistics.median(raw_runs), statistics.median(stage_runs)
+    return {
+        "name": "tokenize_encode",
+        "what": "MB/s of UTF-8 text encoded: tokenize stage (datasets.map, num_proc, shards) vs raw encode_batch",
+        "corpus": {"documents": len(docs), "mb": round(mb, 2), "sources": list(sources)},
+        "baseline": {"name": "tokenizers encode_batch_fast (Rust threads)", "mb_per_s": round(baseline, 3),
+                     "runs": [round(x, 3) for x in raw_runs]},
+        "candidate": {"name": f"stage encode (num_proc={cfg.tokenize.num_proc})", "mb_per_s": round(candidate, 3),
+                      "runs": [round(x, 3) for x in stage_runs]},
+        "ratio": round(candidate / baseline, 3),
+        "goal": GOAL,
+        "meets_goal": candidate / baseline >= GOAL,
+    }

@@ -1,0 +1,80 @@
+"""The tokenize stage end to end on real data: shards decode back to the documents, counts add up."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from pipeline.config import typed
+from pipeline.contract import MANIFEST, execute_stage
+from pipeline.data.shards import open_shards
+from pipeline.data.sources import SourceSpec, load_documents
+from pipeline.stages import load_stage
+from tests.conftest import mlflow_runs
+
+
+def _run(cfg):
+    return execute_stage("tokenize", load_stage("tokenize"), cfg)
+
+
+def _source_texts(cfg) -> list[str]:
+    specs = {name: typed(node, SourceSpec, name) for name, node in cfg.tokenize.sources.items()}
+    return load_documents(specs, cache_dir=cfg.paths.cache_dir)["text"]
+
+
+def test_shards_decode_back_to_every_document(make_cfg, tracking_uri, experiment):
+    cfg = make_cfg()
+    manifest = _run(cfg)
+    out = Path(cfg.paths.outputs_dir) / "demo" / "tokenize"
+    assert json.loads((out / MANIFEST).read_text()) == json.loads(json.dumps(manifest))
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith((".bin", ".npy"))) == [MANIFEST,
+                                                                                            "tokenizer.json"]
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    eos = manifest["outputs"]["eos_id"]
+    assert tok.id_to_token(eos) == "</s>" and manifest["outputs"]["shards"]["dtype"] == "uint16"
+
+    decoded = []
+    for split in ("train", "val"):
+        for shard in open_shards(out, manifest["outputs"]["shards"], split):
+            ends = shard.doc_offsets[1:] - 1
+            assert np.all(shard.tokens[ends] == eos), "every document ends with EOS"
+            assert np.count_nonzero(shard.tokens == eos) == len(ends), "EOS appears only between documents"
+            decoded += [tok.decode(shard.document(i)[:-1].tolist(), skip_special_tokens=False)
+                        for i in range(len(ends))]
+    texts = _source_texts(cfg)
+    assert Counter(decoded) == Counter(t for t in texts if t.strip()), "kept documents are exactly the non-empty input"
+
+    c = manifest["counts"]
+    assert c["documents_in"] == len(texts) == c["train"]["documents"] + c["val"]["documents"] + c["empty"]["documents"]
+    assert sum(s["train"]["tokens"] for s in c["per_source"].values()) == c["train"]["tokens"]
+    assert c["val"]["documents"] > 0 and c["train"]["documents"] > 10 * c["val"]["documents"]
+
+    (run,) = mlflow_runs(tracking_uri, experiment)
+    assert run.info.status == "FINISHED" and run.info.run_id == manifest["mlflow_run_id"]
+    assert run.data.params["tokenizer.vocab_size"] == "512" and run.data.tags["stage"] == "tokenize"
+    assert run.data.metrics["tokenize/vocab_size"] == 512
+    assert run.data.metrics["tokenize/val_bytes_per_token"] == pytest.approx(c["val"]["bytes"] / c["val"]["tokens"])
+    assert run.data.metrics["tokenize/encode_mb_per_s"] > 0
+    assert manifest["git_commit"] and manifest["wall_time_s"] > 0 and len(manifest["config_hash"]) == 16
+
+
+def test_byte_level_tokenizer_has_one_token_per_byte(make_cfg):
+    manifest = _run(make_cfg("tokenizer=bytes"))
+    c = manifest["counts"]
+    assert manifest["outputs"]["vocab_size"] == 256 + 9
+    for split in ("train", "val"):  # one token per UTF-8 byte plus one EOS per document
+        assert c[split]["tokens"] == c[split]["bytes"] + c[split]["documents"]
+
+
+@pytest.mark.slow
+def test_config_hash_follows_the_config_and_reruns_replace_the_output(make_cfg):
+    first = _run(make_cfg())
+    again = _run(make_cfg())
+    other = _run(make_cfg("tokenizer.vocab_size=600"))
+    assert first["config_hash"] == again["config_hash"] != other["config_hash"]
+    assert first["mlflow_run_id"] != again["mlflow_run_id"]
+    assert other["outputs"]["vocab_size"] == 600

@@ -1,0 +1,51 @@
+"""The Makefile: help, the commands `make all` runs, and nothing runs twice."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from pipeline import PROJECT_ROOT
+from pipeline.stages import STAGES
+from tests.conftest import mlflow_runs, tiny_tokenize_overrides
+
+
+def make(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+def test_help_is_the_default_goal_and_lists_every_stage():
+    proc = make()
+    assert proc.returncode == 0
+    for target in ["setup", "test", "all", "clean", "mlflow-ui", "bench", *STAGES]:
+        assert f"  {target} " in proc.stdout, target
+
+
+def test_make_n_all_lists_one_command_per_stage(tmp_path):
+    proc = make("-n", "all", f"OUTPUTS={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    commands = [line for line in proc.stdout.splitlines() if " -m pipeline " in line]
+    assert [c.split(" -m pipeline ")[1].split()[0] for c in commands] == list(STAGES)
+    assert all(f"experiment=demo paths.outputs_dir={tmp_path}" in c for c in commands)
+
+    proc = make("-n", "all", "EXP=demo", "ARGS=tokenizer.vocab_size=512 seed=3", f"OUTPUTS={tmp_path}")
+    assert "-m pipeline tokenize experiment=demo" in proc.stdout and "tokenizer.vocab_size=512 seed=3" in proc.stdout
+
+
+@pytest.mark.slow
+def test_make_tokenize_twice_runs_the_stage_once(tmp_path, data_dir, tracking_uri, experiment):
+    args = " ".join([*tiny_tokenize_overrides(data_dir), "tokenizer.vocab_size=512", f"tracking.experiment={experiment}"])
+    env = {"MLFLOW_TRACKING_URI": tracking_uri}
+    first = make("tokenize", f"OUTPUTS={tmp_path}", f"ARGS={args}", env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "demo" / "tokenize" / "manifest.json").is_file()
+    second = make("tokenize", f"OUTPUTS={tmp_path}", f"ARGS={args}", env=env)
+    assert second.returncode == 0 and "-m pipeline tokenize" not in second.stdout
+    assert [r.info.status for r in mlflow_runs(tracking_uri, experiment)] == ["FINISHED"]
+    # changed overrides are a changed input: the stage runs again
+    third = make("tokenize", f"OUTPUTS={tmp_path}", f"ARGS={args} tokenizer.vocab_size=600", env=env)
+    assert third.returncode == 0 and "-m pipeline tokenize" in third.stdout
+    assert len(mlflow_runs(tracking_uri, experiment)) == 2
