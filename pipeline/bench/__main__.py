@@ -15,12 +15,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__)
     parser.add_argument("names", nargs="*", choices=[[], *BENCHMARKS], help="benchmarks to run (default: all)")
     parser.add_argument("--quick", action="store_true", help="a small corpus, for a smoke test")
+    parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a Hydra override of the demo config, e.g. -o tokenize.num_proc=1 (repeatable)")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "outputs" / "bench")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.names or BENCHMARKS:
-        result = importlib.import_module(BENCHMARKS[name]).run(quick=args.quick)
+        result = importlib.import_module(BENCHMARKS[name]).run(quick=args.quick, overrides=args.override)
         (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         rows.append(result)
     print(f"\n{'benchmark':<18} {'baseline':>24} {'candidate':>24} {'ratio':>7} {'goal':>6}")

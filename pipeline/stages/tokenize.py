@@ -15,7 +15,8 @@ from pipeline.data.sources import SourceSpec, load_documents
 from pipeline.errors import BadInput
 from pipeline.tokenizer.build import TokenizerSpec, build_tokenizer
 from pipeline.tokenizer.plots import plot_corpus
-from pipeline.tokenizer.encode import TRAIN, assign_splits, encode_documents, train_texts, write_token_shards
+from pipeline.tokenizer.encode import (TRAIN, assign_splits, encode_documents, interleave, train_texts,
+                                       write_token_shards)
 
 SECTIONS = ("seed", "tokenize", "tokenizer")
 
@@ -43,6 +44,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
     sources = _sources(cfg, ctx)
     docs = assign_splits(load_documents(sources, cache_dir=str(ctx.cache_dir / "datasets")),
                          val_fraction=t.val_fraction, seed=cfg.seed, num_proc=t.num_proc)
+    docs = interleave(docs, seed=cfg.seed)
 
     started = time.perf_counter()
     n_train = int(np.count_nonzero(docs.data.column("split").to_numpy() == TRAIN))

@@ -48,6 +48,16 @@ def assign_splits(docs: datasets.Dataset, val_fraction: float, seed: int, num_pr
                     desc="Assigning splits", keep_in_memory=True)
 
 
+def interleave(docs: datasets.Dataset, seed: int) -> datasets.Dataset:
+    """Documents in a seeded random order.
+
+    datasets.map(num_proc=N) hands each worker a contiguous block; with sources concatenated in
+    order, one worker would get all the long documents. Shuffled, the work splits evenly, sources
+    mix within shards, and the result does not depend on num_proc.
+    """
+    return docs.shuffle(seed=seed).flatten_indices(keep_in_memory=True)
+
+
 def train_texts(docs: datasets.Dataset, batch_size: int = 1000) -> Iterator[list[str]]:
     """Batches of training-split texts, for tokenizer training."""
     for batch in docs.select_columns(["text", "split"]).iter(batch_size=batch_size):

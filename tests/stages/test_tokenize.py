@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mlflow.tracking import MlflowClient
 from tokenizers import Tokenizer
 
 from pipeline.config import typed
@@ -31,8 +32,9 @@ def test_shards_decode_back_to_every_document(make_cfg, tracking_uri, experiment
     manifest = _run(cfg)
     out = Path(cfg.paths.outputs_dir) / "demo" / "tokenize"
     assert json.loads((out / MANIFEST).read_text()) == json.loads(json.dumps(manifest))
-    assert sorted(p.name for p in out.iterdir() if not p.name.endswith((".bin", ".npy"))) == [MANIFEST,
-                                                                                            "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith((".bin", ".npy"))) == [
+        "corpus.png", MANIFEST, "tokenizer.json"]
+    assert (out / "corpus.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     eos = manifest["outputs"]["eos_id"]
     assert tok.id_to_token(eos) == "</s>" and manifest["outputs"]["shards"]["dtype"] == "uint16"
@@ -59,6 +61,8 @@ def test_shards_decode_back_to_every_document(make_cfg, tracking_uri, experiment
     assert run.data.metrics["tokenize/vocab_size"] == 512
     assert run.data.metrics["tokenize/val_bytes_per_token"] == pytest.approx(c["val"]["bytes"] / c["val"]["tokens"])
     assert run.data.metrics["tokenize/encode_mb_per_s"] > 0
+    artifacts = {a.path for a in MlflowClient(tracking_uri).list_artifacts(run.info.run_id)}
+    assert {"corpus.png", "manifest.json", "config.yaml"} <= artifacts
     assert manifest["git_commit"] and manifest["wall_time_s"] > 0 and len(manifest["config_hash"]) == 16
 
 
