@@ -29,6 +29,10 @@ $(OUT)/.args/$(1): FORCE
 	@mkdir -p $$(@D); [ -f $$@ ] && [ "$$$$(cat $$@)" = "$$(ARGS)" ] || printf '%s' "$$(ARGS)" > $$@
 endef
 
+ifneq ($(filter name=%,$(ARGS)),)
+$(error ARGS sets name=: choose the experiment with EXP=<preset> instead, so Make finds outputs/<EXP>/)
+endif
+
 .PHONY: help setup test all tokenize bench clean mlflow-ui FORCE
 
 help: ## Show the targets

@@ -76,10 +76,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown stage '{stage}'; stages: {', '.join(STAGES)}", file=sys.stderr)
         return 2
 
+    import signal
+
     import hydra
 
     from pipeline import config  # noqa: F401  registers the schema and the ${root:} resolver
     from pipeline.errors import StageKilled
+    from pipeline.tracking import kill_handler
+
+    # Outside a stage's run too (composing, between sweep jobs), a SIGTERM unwinds the stack, so
+    # atexit closes a sweep's parent run instead of leaving it RUNNING.
+    signal.signal(signal.SIGTERM, kill_handler([]))
 
     # conf/config.yaml names the Hydra job after this variable (log and sweep folders, run names).
     os.environ[STAGE_ENV] = stage
@@ -88,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         entry()
     except StageKilled as e:
-        print(f"{stage}: {e}; the MLflow run is marked KILLED and the previous output is untouched", file=sys.stderr)
-        return 143
+        print(f"{stage}: {e}; an open MLflow run is marked KILLED and the previous output is untouched",
+              file=sys.stderr)
+        return 128 + getattr(signal, e.signal_name, signal.SIGTERM).value
     except KeyboardInterrupt:
         print(f"{stage}: interrupted; the MLflow run is marked KILLED and the previous output is untouched",
               file=sys.stderr)

@@ -83,6 +83,14 @@ def validate(cfg) -> None:
         raise PipelineError(f"config key '{key}': {str(e).splitlines()[0]}") from None
     for name, node in cfg.tokenize.sources.items():
         typed(node, SourceSpec, f"tokenize.sources.{name}")
+    checks = [("tokenize.val_fraction", 0 <= cfg.tokenize.val_fraction < 1, "in [0, 1)"),
+              ("tokenize.num_proc", cfg.tokenize.num_proc >= 1, "at least 1"),
+              ("tokenize.batch_size", cfg.tokenize.batch_size >= 1, "at least 1"),
+              ("tokenize.max_shard_tokens", cfg.tokenize.max_shard_tokens >= 1, "at least 1"),
+              ("tokenizer.vocab_size", cfg.tokenizer.vocab_size >= 1, "at least 1")]
+    for key, ok, expected in checks:
+        if not ok:
+            raise PipelineError(f"config key '{key}' is {OmegaConf.select(cfg, key)}; it must be {expected}")
 
 
 def register() -> None:

@@ -7,10 +7,12 @@ A stage module provides
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from contextlib import contextmanager
@@ -23,7 +25,7 @@ from typing import Any, Iterator, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import PROJECT_ROOT
-from pipeline.errors import BadInput, MissingUpstream
+from pipeline.errors import BadInput, MissingUpstream, PipelineError
 from pipeline.tracking import StageRun, TrackingSettings, flatten, stage_run
 
 MANIFEST = "manifest.json"
@@ -102,6 +104,25 @@ def git_commit(root: Path = PROJECT_ROOT) -> str:
 
 
 @contextmanager
+def stage_lock(final_dir: Path, stage: str) -> Iterator[None]:
+    """One execution of a stage per output directory at a time; a second fails at once."""
+    path = Path(final_dir).with_name(f".{Path(final_dir).name}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PipelineError(f"another {stage} run is writing {_shown(final_dir)}; wait for it to finish") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+TERMINATING = {signal.SIGTERM, signal.SIGINT}
+
+
+@contextmanager
 def building(final_dir: Path) -> Iterator[Path]:
     """Yield an empty sibling directory; on success (manifest present) it replaces ``final_dir``.
 
@@ -110,12 +131,14 @@ def building(final_dir: Path) -> Iterator[Path]:
     """
     final_dir = Path(final_dir)
     partial = final_dir.with_name(f".{final_dir.name}.partial")
+    old = final_dir.with_name(f".{final_dir.name}.old")
+    if old.exists() and not final_dir.exists():  # a previous swap was cut between its two renames
+        old.rename(final_dir)
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     yield partial
     assert (partial / MANIFEST).is_file(), f"{partial} has no {MANIFEST}: the manifest is written last"
-    old = final_dir.with_name(f".{final_dir.name}.old")
     if old.exists():
         shutil.rmtree(old)
     if final_dir.exists():
@@ -152,28 +175,39 @@ def execute_stage(stage: str, module: ModuleType, cfg: DictConfig, out_dir: Opti
     commit = git_commit()
     tags = {"stage": stage, "config_hash": chash, "git_commit": commit, "mlflow.source.git.commit": commit,
             **{f"upstream.{n}.run_id": u.run_id or "" for n, u in inputs.items()}, **(extra_tags or {})}
-    with stage_run(tracking_settings(cfg), run_name=run_name or stage, tags=tags, params=flatten(sections),
-                   parent_run_id=parent_run_id) as run:
-        run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        with building(final_dir) as build_dir:
-            ctx = StageContext(build_dir=build_dir, inputs=inputs, run=run, cache_dir=Path(cfg.paths.cache_dir))
-            result = module.run(cfg, ctx)
-            run.log_metrics(result.metrics)
-            manifest = {
-                "stage": stage,
-                "experiment": cfg.name,
-                "config_hash": chash,
-                "config": sections,
-                "inputs": {n: {"dir": str(u.dir), "manifest_sha256": u.hash, "mlflow_run_id": u.run_id}
-                           for n, u in inputs.items()},
-                "counts": result.counts,
-                "metrics": result.metrics,
-                "outputs": result.outputs,
-                "mlflow_run_id": run.run_id,
-                "git_commit": commit,
-                "wall_time_s": round(time.time() - started, 3),
-                "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }
-            run.log_dict(manifest, MANIFEST)
-            write_manifest(build_dir, manifest)
+    # Signals wait while the output is swapped in and the run is closed, so the published
+    # manifest and the run's status always agree; a pending SIGTERM is acted on right after.
+    deferred = False
+    try:
+        with stage_lock(final_dir, stage), \
+                stage_run(tracking_settings(cfg), run_name=run_name or stage, tags=tags,
+                          params=flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)),
+                          parent_run_id=parent_run_id) as run:
+            run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+            with building(final_dir) as build_dir:
+                ctx = StageContext(build_dir=build_dir, inputs=inputs, run=run, cache_dir=Path(cfg.paths.cache_dir))
+                result = module.run(cfg, ctx)
+                run.log_metrics(result.metrics)
+                manifest = {
+                    "stage": stage,
+                    "experiment": cfg.name,
+                    "config_hash": chash,
+                    "config": sections,
+                    "inputs": {n: {"dir": str(u.dir), "manifest_sha256": u.hash, "mlflow_run_id": u.run_id}
+                               for n, u in inputs.items()},
+                    "counts": result.counts,
+                    "metrics": result.metrics,
+                    "outputs": result.outputs,
+                    "mlflow_run_id": run.run_id,
+                    "git_commit": commit,
+                    "wall_time_s": round(time.time() - started, 3),
+                    "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                }
+                run.log_dict(manifest, MANIFEST)
+                write_manifest(build_dir, manifest)
+                signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING)
+                deferred = True
+    finally:
+        if deferred:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, TERMINATING)
     return manifest

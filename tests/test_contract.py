@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import PROJECT_ROOT
-from pipeline.contract import MANIFEST, building, execute_stage, read_upstream, write_manifest
-from pipeline.errors import MissingUpstream
+from pipeline.contract import MANIFEST, building, execute_stage, read_upstream, stage_lock, write_manifest
+from pipeline.errors import MissingUpstream, PipelineError
 from pipeline.stages import load_stage
 from tests.conftest import mlflow_runs, run_cli, tiny_tokenize_overrides
 
@@ -37,6 +37,25 @@ def test_building_publishes_only_a_complete_directory(tmp_path):
         assert list(build.iterdir()) == []
         write_manifest(build, {"stage": "tokenize", "n": 2})
     assert json.loads((final / MANIFEST).read_text())["n"] == 2 and not (final / "a.bin").exists()
+
+
+def test_a_second_run_of_the_same_stage_waits_for_nobody_and_fails_clearly(tmp_path):
+    with stage_lock(tmp_path / "tokenize", "tokenize"):
+        with pytest.raises(PipelineError, match="another tokenize run is writing"):
+            with stage_lock(tmp_path / "tokenize", "tokenize"):
+                pass
+    with stage_lock(tmp_path / "tokenize", "tokenize"):  # released after the first run
+        pass
+
+
+def test_a_swap_cut_between_its_renames_is_repaired(tmp_path):
+    final, old = tmp_path / "tokenize", tmp_path / ".tokenize.old"
+    old.mkdir()
+    write_manifest(old, {"stage": "tokenize", "n": 1})
+    with pytest.raises(RuntimeError):
+        with building(final):
+            raise RuntimeError("crash")
+    assert json.loads((final / MANIFEST).read_text())["n"] == 1 and not old.exists()
 
 
 def test_missing_upstream_names_the_make_target(tmp_path):
@@ -94,12 +113,12 @@ def test_a_killed_stage_leaves_no_manifest_and_the_previous_output_intact(tmp_pa
                             cwd=PROJECT_ROOT, env={**os.environ, **env},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     partial = tmp_path / "demo" / ".tokenize.partial"
-    deadline = time.time() + 120
-    while not partial.exists():
+    deadline = time.time() + 300
+    while not (partial / "encoded").exists():  # kill it while datasets' worker pool is encoding
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.time() < deadline
         time.sleep(0.05)
-    time.sleep(1.0)
+    time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]

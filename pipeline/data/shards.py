@@ -46,6 +46,8 @@ class ShardWriter:
     def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Write documents given as their concatenated tokens and per-document lengths."""
         assert int(lengths.sum()) == len(tokens), (int(lengths.sum()), len(tokens))
+        assert not len(tokens) or int(tokens.max()) <= np.iinfo(self.dtype).max, \
+            f"token id {int(tokens.max())} does not fit {self.dtype.name}"
         start_doc, start_tok = 0, 0
         ends = np.cumsum(lengths, dtype=np.int64)
         while start_doc < len(lengths):

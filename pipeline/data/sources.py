@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import glob
-import gzip
 import json
 import os
 from dataclasses import dataclass
@@ -10,13 +9,14 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 import datasets
+import fsspec
 import numpy as np
 
 from pipeline.errors import BadInput
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text",
            ".md": "text", ".rst": "text"}
-COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
+COMPRESSION = (".gz", ".bz2", ".xz")
 SAMPLE_BY = ("line", "paragraph", "document")
 
 
@@ -86,7 +86,7 @@ def infer_format(name: str, files: list[str]) -> str:
 
 
 def _open(path: str):
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+    return fsspec.open(path, "rt", compression="infer", encoding="utf-8").open()
 
 
 def find_bad_json_record(files: list[str], text_field: str) -> Optional[str]:

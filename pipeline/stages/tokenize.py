@@ -6,7 +6,6 @@ import shutil
 import time
 
 import numpy as np
-
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import typed
@@ -15,7 +14,7 @@ from pipeline.data.sources import SourceSpec, load_documents
 from pipeline.errors import BadInput
 from pipeline.tokenizer.build import TokenizerSpec, build_tokenizer
 from pipeline.tokenizer.plots import plot_corpus
-from pipeline.tokenizer.encode import (TRAIN, assign_splits, encode_documents, interleave, train_texts,
+from pipeline.tokenizer.encode import (TRAIN, VAL, assign_splits, encode_documents, interleave, train_texts,
                                        write_token_shards)
 
 SECTIONS = ("seed", "tokenize", "tokenizer")
@@ -46,8 +45,15 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
                          val_fraction=t.val_fraction, seed=cfg.seed, num_proc=t.num_proc)
     docs = interleave(docs, seed=cfg.seed)
 
+    split_codes = docs.data.column("split").to_numpy()
+    n_train, n_val = int(np.count_nonzero(split_codes == TRAIN)), int(np.count_nonzero(split_codes == VAL))
+    if n_train == 0:
+        raise BadInput(f"no non-empty training documents in {len(docs)} documents from {', '.join(sources)}")
+    if n_val == 0 and t.val_fraction > 0:
+        raise BadInput(f"the validation split is empty ({n_train} training documents, "
+                       f"tokenize.val_fraction={t.val_fraction}); raise val_fraction or add documents")
+
     started = time.perf_counter()
-    n_train = int(np.count_nonzero(docs.data.column("split").to_numpy() == TRAIN))
     tokenizer = build_tokenizer(spec, train_texts(docs), length=n_train)
     tokenizer_s = time.perf_counter() - started
     tokenizer.save(str(ctx.build_dir / "tokenizer.json"))
@@ -56,16 +62,14 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
     started = time.perf_counter()
     encoded = encode_documents(docs, tokenizer, eos_id, ctx.build_dir / "encoded" / "data.arrow",
                                num_proc=t.num_proc, batch_size=t.batch_size)
-    shards = write_token_shards(encoded, ctx.build_dir, tokenizer.get_vocab_size(), t.max_shard_tokens, len(sources))
+    id_bound = max(tokenizer.get_vocab().values()) + 1  # a given tokenizer.json may leave gaps in its ids
+    shards = write_token_shards(encoded, ctx.build_dir, id_bound, t.max_shard_tokens, len(sources))
     encode_s = time.perf_counter() - started
     encoded.cleanup_cache_files()
     del encoded
     shutil.rmtree(ctx.build_dir / "encoded", ignore_errors=True)
 
-    counts = {split: {key: sum(v) for key, v in c.items()} for split, c in shards["counts"].items()}
-    if counts["val"]["documents"] == 0 and t.val_fraction > 0:
-        raise BadInput(f"the validation split is empty ({counts['train']['documents']} documents, "
-                       f"tokenize.val_fraction={t.val_fraction}); raise val_fraction or add documents")
+    counts = {name: {key: sum(v) for key, v in c.items()} for name, c in shards["counts"].items()}
     per_source = {name: {split: {key: c[key][i] for key in c} for split, c in shards["counts"].items()}
                   for i, name in enumerate(sources)}
     total_bytes = counts["train"]["bytes"] + counts["val"]["bytes"]
@@ -88,8 +92,9 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
         "tokenize/encode_seconds": encode_s,
         "tokenize/tokenizer_seconds": tokenizer_s,
     }
-    outputs = {"tokenizer": "tokenizer.json", "plot": "corpus.png", "length_histogram": hist, "vocab_size": tokenizer.get_vocab_size(), "eos_id": eos_id,
-               "special_tokens": dataclasses.asdict(spec.special_tokens), "shards": shards["index"]}
+    outputs = {"tokenizer": "tokenizer.json", "vocab_size": tokenizer.get_vocab_size(), "eos_id": eos_id,
+               "special_tokens": dataclasses.asdict(spec.special_tokens), "shards": shards["index"],
+               "plot": "corpus.png", "length_histogram": hist}
     return StageResult(counts={"documents_in": len(docs), **counts, "per_source": per_source},
                        metrics=metrics, outputs=outputs)
 

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from pipeline.data.shards import ShardWriter, token_dtype
 
 TRAIN, VAL, EMPTY = 0, 1, -1
-# Document length histogram bins, in tokens (EOS included): 1, 2, 4, ... 2^24.
+# Document length histogram bin edges, in tokens (EOS included); the last bin is open-ended.
 LENGTH_BINS = [0] + [2**k for k in range(25)]
 SPLITS = {"train": TRAIN, "val": VAL}
 
@@ -45,7 +45,7 @@ def assign_splits(docs: datasets.Dataset, val_fraction: float, seed: int, num_pr
     """Add ``split`` (0 train, 1 val, -1 empty document) and ``n_bytes`` (UTF-8 length) columns."""
     assert 0.0 <= val_fraction < 1.0, val_fraction
     return docs.map(_SplitAssigner(val_fraction, seed), batched=True, batch_size=1000, num_proc=_procs(num_proc, docs),
-                    desc="Assigning splits", keep_in_memory=True)
+                    desc="Assigning splits")
 
 
 def interleave(docs: datasets.Dataset, seed: int) -> datasets.Dataset:
@@ -55,7 +55,7 @@ def interleave(docs: datasets.Dataset, seed: int) -> datasets.Dataset:
     order, one worker would get all the long documents. Shuffled, the work splits evenly, sources
     mix within shards, and the result does not depend on num_proc.
     """
-    return docs.shuffle(seed=seed).flatten_indices(keep_in_memory=True)
+    return docs.shuffle(seed=seed).flatten_indices()
 
 
 def train_texts(docs: datasets.Dataset, batch_size: int = 1000) -> Iterator[list[str]]:
@@ -108,6 +108,11 @@ def encode_documents(docs: datasets.Dataset, tokenizer: Tokenizer, eos_id: int, 
             os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
+def length_bucket(lengths: np.ndarray) -> np.ndarray:
+    """Index of each length's histogram bin: [2^(k-1), 2^k) is bin k; the last bin takes all longer ones."""
+    return np.minimum(np.digitize(lengths, LENGTH_BINS[1:]), len(LENGTH_BINS) - 2)
+
+
 def write_token_shards(encoded: datasets.Dataset, out_dir: Path, vocab_size: int, max_shard_tokens: int,
                        n_sources: int) -> dict:
     """Write train/val shards from an encoded Dataset; return the shard index and per-split counts."""
@@ -134,7 +139,7 @@ def write_token_shards(encoded: datasets.Dataset, out_dir: Path, vocab_size: int
             picked = pc.filter(ids, pa.array(mask))
             lengths = pc.list_value_length(picked).to_numpy(zero_copy_only=False).astype(np.int64)
             c["tokens"] += np.bincount(source[mask], weights=lengths, minlength=n_sources).astype(np.int64)
-            np.add.at(length_counts, (source[mask], np.digitize(lengths, LENGTH_BINS[1:])), 1)
+            np.add.at(length_counts, (source[mask], length_bucket(lengths)), 1)
             writers[name].add(picked.flatten().to_numpy(zero_copy_only=False), lengths)
     index = {"dtype": dtype.name, "splits": {name: w.close() for name, w in writers.items()}}
     return {"index": index, "counts": {name: {k: v.tolist() for k, v in c.items()} for name, c in counts.items()},

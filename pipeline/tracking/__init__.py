@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
-from pipeline.errors import StageKilled
+from pipeline.errors import PipelineError, StageKilled
 
 PARENT_RUN_ENV = "PIPELINE_SWEEP_PARENT_RUN_ID"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
@@ -100,32 +100,38 @@ class StageRun:
         self.client.log_dict(self.run_id, dict(data), artifact_file)
 
 
-@contextmanager
-def _sigterm_raises(killed: list[str]) -> Iterator[None]:
-    """Turn SIGTERM into StageKilled in the main thread, so cleanup and KILLED status happen.
+def kill_handler(killed: list[str]):
+    """A SIGTERM/SIGINT handler for the process that installs it: record the signal, raise StageKilled.
 
-    The signal's name is also appended to ``killed``: a library's cleanup may replace our exception
-    with one of its own (datasets' worker pool raises TimeoutError), and the kill must still win.
+    Recording matters because a library's cleanup may replace our exception with one of its own
+    (datasets' worker pool raises TimeoutError) and the kill must still win. A forked worker that
+    inherited the handler just dies as it would by default.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
     owner = os.getpid()
 
     def handler(signum, frame):
-        if os.getpid() != owner:  # a forked worker (datasets' pool) inherited the handler: just die
+        if os.getpid() != owner:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
         killed.append(signal.Signals(signum).name)
         raise StageKilled(killed[-1])
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    return handler
+
+
+@contextmanager
+def _signals_raise(killed: list[str]) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = kill_handler(killed)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @contextmanager
@@ -137,6 +143,12 @@ def stage_run(settings: TrackingSettings, run_name: str, tags: Mapping[str, str]
     """
     client = client_for(settings)
     if resume_run_id is not None:
+        previous = client.get_run(resume_run_id)
+        if previous.info.experiment_id != experiment_id(client, settings) or \
+                previous.data.tags.get("config_hash") != tags.get("config_hash"):
+            raise PipelineError(f"cannot resume MLflow run {resume_run_id}: it belongs to another experiment or "
+                                f"config (config_hash {previous.data.tags.get('config_hash')} != "
+                                f"{tags.get('config_hash')}); remove the checkpoint to start afresh")
         client.update_run(resume_run_id, status="RUNNING")
         run = StageRun(client, resume_run_id)
     else:
@@ -148,7 +160,7 @@ def stage_run(settings: TrackingSettings, run_name: str, tags: Mapping[str, str]
         run = StageRun(client, info.run_id)
         run.log_params(params)
     killed: list[str] = []
-    with _sigterm_raises(killed):
+    with _signals_raise(killed):
         try:
             yield run
         except (StageKilled, KeyboardInterrupt):

@@ -33,3 +33,10 @@ def test_documents_round_trip_across_shard_rollover(tmp_path, vocab_size):
     for a, b in zip(read, docs):
         np.testing.assert_array_equal(a, b)
     assert sum(e["n_tokens"] for e in index["splits"]["train"]) == sum(map(len, docs))
+
+
+def test_length_buckets_cover_any_document_length():
+    from pipeline.tokenizer.encode import LENGTH_BINS, length_bucket
+
+    buckets = length_bucket(np.array([1, 2, 3, 4, 2**24 - 1, 2**24, 2**30]))
+    assert buckets.tolist() == [1, 2, 2, 3, 24, 24, 24] and buckets.max() == len(LENGTH_BINS) - 2

@@ -1,6 +1,7 @@
 """Text sources: formats from real files, and bad input named down to the file and record."""
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
 
@@ -31,10 +32,15 @@ def _jsonl(path, lines):
     return str(path)
 
 
-def test_invalid_json_names_file_and_line(tmp_path):
-    path = _jsonl(tmp_path / "docs.jsonl.gz", ['{"text": "fine"}', '{"text": "cut in the mid'])
-    with pytest.raises(BadInput, match=r"docs.jsonl.gz: line 2: invalid JSON"):
-        load_source("web", SourceSpec(path=path), str(tmp_path / "cache"))
+@pytest.mark.parametrize("name", ["docs.jsonl.gz", "docs.jsonl.bz2", "docs.jsonl"])
+def test_invalid_json_names_file_and_line(tmp_path, name):
+    content = '{"text": "fine"}\n{"text": "cut in the mid\n'
+    path = tmp_path / name
+    opener = {".gz": gzip.open, ".bz2": bz2.open}.get(path.suffix, open)
+    with opener(path, "wt") as fh:
+        fh.write(content)
+    with pytest.raises(BadInput, match=rf"{name}: line 2: invalid JSON"):
+        load_source("web", SourceSpec(path=str(path)), str(tmp_path / "cache"))
 
 
 def test_non_string_text_names_file_and_line(tmp_path):
