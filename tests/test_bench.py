@@ -19,4 +19,6 @@ def test_quick_tokenize_bench_writes_its_ratio(tmp_path):
     assert result["corpus"]["sources"] == ["shakespeare", "web"] and result["corpus"]["mb"] > 1
     assert len(result["baseline"]["runs"]) == len(result["candidate"]["runs"]) == 2
     assert result["ratio"] == pytest.approx(result["candidate"]["mb_per_s"] / result["baseline"]["mb_per_s"], abs=1e-3)
+    fast = result["raw_encode_batch_fast"]
+    assert len(fast["runs"]) == 2 and fast["ratio"] == pytest.approx(result["candidate"]["mb_per_s"] / fast["mb_per_s"], abs=1e-3)
     assert "tokenize_encode" in proc.stdout and "ratio" in proc.stdout

@@ -31,6 +31,8 @@ def main() -> int:
         unit = next(k for k in b if k not in ("name", "runs"))
         print(f"{r['name']:<18} {b[unit]:>15.3f} {unit:>8} {c[unit]:>15.3f} {unit:>8} {r['ratio']:>7.3f} "
               f"{'>=' + str(r['goal']):>6} {'ok' if r['meets_goal'] else 'BELOW GOAL'}")
+        if r.get("note"):
+            print(f"{'':<18} {r['note']}")
     print(f"\nwritten to {args.out}/")
     return 0
 
