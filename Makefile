@@ -33,7 +33,7 @@ ifneq ($(filter name=%,$(ARGS)),)
 $(error ARGS sets name=: choose the experiment with EXP=<preset> instead, so Make finds outputs/<EXP>/)
 endif
 
-.PHONY: help setup test all tokenize bench clean mlflow-ui FORCE
+.PHONY: help setup test all filter inspect-filter tokenize bench clean mlflow-ui FORCE
 
 help: ## Show the targets
 	@echo "usage: make <target> [EXP=$(EXP)] [ARGS='key=value ...']"
@@ -49,13 +49,24 @@ setup: ## Create .venv, install torch ($(TORCH)) first, then the project with it
 test: ## Run the whole test suite, slow tests included (what CI runs)
 	$(PY) -m pytest --runslow -q
 
-all: tokenize ## Run the demo pipeline (every stage that exists), skipping what is up to date
+all: filter tokenize ## Run the demo pipeline (every stage that exists), skipping what is up to date
+
+filter: $(OUT)/filter/manifest.json ## Extract, language-filter, quality-filter and redact the crawl
+
+$(eval $(call args_stamp,filter))
+$(OUT)/filter/manifest.json: $(OUT)/.args/filter $(COMMON) conf/filter.yaml $(wildcard conf/filter/*.yaml) \
+		$(wildcard conf/filter/wordlists/*) pipeline/stages/filter.py $(wildcard pipeline/filter/*.py)
+	$(STAGE) filter $(STAGE_ARGS)
+
+inspect-filter: ## Print a few rejected documents per rule (N=3, RULE=prefix) to judge the thresholds
+	$(PY) -m pipeline.filter.inspect $(OUT)/filter -n $(or $(N),3) $(if $(RULE),--rule $(RULE))
 
 tokenize: $(OUT)/tokenize/manifest.json ## Train the tokenizer and encode the corpus into token shards
 
 $(eval $(call args_stamp,tokenize))
-$(OUT)/tokenize/manifest.json: $(OUT)/.args/tokenize $(COMMON) conf/tokenize.yaml $(wildcard conf/tokenizer/*.yaml) \
-		pipeline/stages/tokenize.py $(wildcard pipeline/tokenizer/*.py) $(wildcard pipeline/data/*.py)
+$(OUT)/tokenize/manifest.json: $(OUT)/filter/manifest.json $(OUT)/.args/tokenize $(COMMON) conf/tokenize.yaml \
+		$(wildcard conf/tokenizer/*.yaml) pipeline/stages/tokenize.py $(wildcard pipeline/tokenizer/*.py) \
+		$(wildcard pipeline/data/*.py)
 	$(STAGE) tokenize $(STAGE_ARGS)
 
 bench: ## Benchmarks against baselines measured in the same run (outputs/bench/*.json)

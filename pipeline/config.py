@@ -11,6 +11,13 @@ from omegaconf import MISSING, OmegaConf
 
 from pipeline import PROJECT_ROOT
 from pipeline.data.sources import SourceSpec
+from pipeline.filter.extract import ENGINES, ExtractSpec
+from pipeline.filter.langid import LangIdSpec
+from pipeline.filter.pii import PiiSpec
+from pipeline.filter.quality import C4Spec, GopherSpec
+from pipeline.filter.run import CrawlSource
+from pipeline.filter.steps import ToxicitySpec
+from pipeline.filter.urls import UrlSpec
 from pipeline.tokenizer.build import TokenizerSpec
 
 
@@ -30,6 +37,22 @@ class TrackingConfig:
 
 
 @dataclass
+class FilterConfig:
+    # name -> CrawlSource, typed as Any for the same reason as tokenize.sources; validate() checks them.
+    sources: Dict[str, Any] = field(default_factory=dict)
+    num_proc: int = 2  # worker processes; files are grouped into tasks of similar size
+    samples_per_rule: int = 20  # rejected documents per rule kept as an MLflow artifact
+    # The steps, in the order they run (conf/filter/<step>.yaml); each has `enabled`.
+    urls: UrlSpec = field(default_factory=UrlSpec)
+    extract: ExtractSpec = field(default_factory=ExtractSpec)
+    langid: LangIdSpec = field(default_factory=LangIdSpec)
+    gopher: GopherSpec = field(default_factory=GopherSpec)
+    c4: C4Spec = field(default_factory=C4Spec)
+    pii: PiiSpec = field(default_factory=PiiSpec)
+    toxicity: ToxicitySpec = field(default_factory=ToxicitySpec)
+
+
+@dataclass
 class TokenizeConfig:
     # name -> SourceSpec. Typed as Any so `+tokenize.sources.NAME={path: ...}` works on the command line
     # (OmegaConf cannot append to a Dict of dataclasses); validate() checks each entry against SourceSpec.
@@ -46,6 +69,7 @@ class RootConfig:
     seed: int = 1337
     paths: PathsConfig = field(default_factory=PathsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
 
@@ -83,11 +107,17 @@ def validate(cfg) -> None:
         raise PipelineError(f"config key '{key}': {str(e).splitlines()[0]}") from None
     for name, node in cfg.tokenize.sources.items():
         typed(node, SourceSpec, f"tokenize.sources.{name}")
+    for name, node in cfg.filter.sources.items():
+        typed(node, CrawlSource, f"filter.sources.{name}")
     checks = [("tokenize.val_fraction", 0 <= cfg.tokenize.val_fraction < 1, "in [0, 1)"),
               ("tokenize.num_proc", cfg.tokenize.num_proc >= 1, "at least 1"),
               ("tokenize.batch_size", cfg.tokenize.batch_size >= 1, "at least 1"),
               ("tokenize.max_shard_tokens", cfg.tokenize.max_shard_tokens >= 1, "at least 1"),
-              ("tokenizer.vocab_size", cfg.tokenizer.vocab_size >= 1, "at least 1")]
+              ("tokenizer.vocab_size", cfg.tokenizer.vocab_size >= 1, "at least 1"),
+              ("filter.num_proc", cfg.filter.num_proc >= 1, "at least 1"),
+              ("filter.samples_per_rule", cfg.filter.samples_per_rule >= 0, "at least 0"),
+              ("filter.langid.min_score", 0 <= cfg.filter.langid.min_score <= 1, "in [0, 1]"),
+              ("filter.extract.engine", cfg.filter.extract.engine in ENGINES, f"one of {', '.join(ENGINES)}")]
     for key, ok, expected in checks:
         if not ok:
             raise PipelineError(f"config key '{key}' is {OmegaConf.select(cfg, key)}; it must be {expected}")

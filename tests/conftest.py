@@ -50,13 +50,25 @@ def experiment() -> str:
 
 
 def tiny_tokenize_overrides(data_dir: Path) -> list[str]:
-    """The demo's tokenize shrunk to seconds: 1,500 speeches of tiny shakespeare and 20 web documents."""
+    """The demo's tokenize shrunk to seconds: 1,500 speeches of tiny shakespeare and the 20 CCNet web
+    documents read directly (not through the filter stage)."""
     return [
         "~tokenize.sources.novels",
         "++tokenize.sources.shakespeare.max_documents=1500",
+        *web_without_filter(data_dir),
         f"paths.data_dir={data_dir}",
         "tokenize.val_fraction=0.05",
     ]
+
+
+def web_without_filter(data_dir: Path) -> list[str]:
+    """The demo's tokenize 'web' source read from the 20 CCNet files, not from the filter stage."""
+    return ["tokenize.sources.web.stage=null", f"++tokenize.sources.web.path={data_dir}/crawl/ccnet_docs/*.jsonl.gz"]
+
+
+def tiny_filter_overrides() -> list[str]:
+    """The demo's filter shrunk to seconds: the WARC files, 40 HTML pages and the CCNet documents."""
+    return ["++filter.sources.html.max_files=40"]
 
 
 @pytest.fixture

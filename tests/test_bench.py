@@ -8,11 +8,13 @@ import sys
 import pytest
 
 from pipeline import PROJECT_ROOT
+from tests.conftest import web_without_filter
 
 
 @pytest.mark.slow
-def test_quick_tokenize_bench_writes_its_ratio(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pipeline.bench", "tokenize_encode", "--quick", "--out", str(tmp_path)],
+def test_quick_tokenize_bench_writes_its_ratio(tmp_path, data_dir):
+    proc = subprocess.run([sys.executable, "-m", "pipeline.bench", "tokenize_encode", "--quick", "--out", str(tmp_path),
+                           *(f"-o={o}" for o in web_without_filter(data_dir))],
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "tokenize_encode.json").read_text())

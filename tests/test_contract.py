@@ -16,7 +16,7 @@ from pipeline import PROJECT_ROOT
 from pipeline.contract import MANIFEST, building, execute_stage, read_upstream, stage_lock, write_manifest
 from pipeline.errors import MissingUpstream, PipelineError
 from pipeline.stages import load_stage
-from tests.conftest import mlflow_runs, run_cli, tiny_tokenize_overrides
+from tests.conftest import mlflow_runs, run_cli, tiny_tokenize_overrides, web_without_filter
 
 
 def test_building_publishes_only_a_complete_directory(tmp_path):
@@ -109,7 +109,8 @@ def test_a_killed_stage_leaves_no_manifest_and_the_previous_output_intact(tmp_pa
     before = {p.name: p.read_bytes() for p in final.iterdir()}
 
     # The whole demo corpus takes long enough to be killed in the middle of its work.
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "tokenize", *common, f"paths.data_dir={data_dir}"],
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "tokenize", *common, f"paths.data_dir={data_dir}",
+                             *web_without_filter(data_dir)],
                             cwd=PROJECT_ROOT, env={**os.environ, **env},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     partial = tmp_path / "demo" / ".tokenize.partial"

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline import PROJECT_ROOT
 from pipeline.stages import STAGES
-from tests.conftest import mlflow_runs, tiny_tokenize_overrides
+from tests.conftest import mlflow_runs, tiny_filter_overrides, tiny_tokenize_overrides
 
 
 def make(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -36,16 +36,26 @@ def test_make_n_all_lists_one_command_per_stage(tmp_path):
 
 
 @pytest.mark.slow
-def test_make_tokenize_twice_runs_the_stage_once(tmp_path, data_dir, tracking_uri, experiment):
-    args = " ".join([*tiny_tokenize_overrides(data_dir), "tokenizer.vocab_size=512", f"tracking.experiment={experiment}"])
+def test_make_tokenize_twice_runs_the_stages_once(tmp_path, data_dir, tracking_uri, experiment):
+    args = " ".join([*tiny_filter_overrides(), *tiny_tokenize_overrides(data_dir), "tokenizer.vocab_size=512",
+                     f"tracking.experiment={experiment}"])
     env = {"MLFLOW_TRACKING_URI": tracking_uri}
     first = make("tokenize", f"OUTPUTS={tmp_path}", f"ARGS={args}", env=env)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "-m pipeline filter" in first.stdout  # the upstream stage runs first
+    assert (tmp_path / "demo" / "filter" / "manifest.json").is_file()
     assert (tmp_path / "demo" / "tokenize" / "manifest.json").is_file()
     second = make("tokenize", f"OUTPUTS={tmp_path}", f"ARGS={args}", env=env)
-    assert second.returncode == 0 and "-m pipeline tokenize" not in second.stdout
-    assert [r.info.status for r in mlflow_runs(tracking_uri, experiment)] == ["FINISHED"]
-    # changed overrides are a changed input: the stage runs again
+    assert second.returncode == 0 and "-m pipeline" not in second.stdout
+    runs = mlflow_runs(tracking_uri, experiment)
+    assert sorted((r.data.tags["stage"], r.info.status) for r in runs) == [("filter", "FINISHED"),
+                                                                           ("tokenize", "FINISHED")]
+    # changed overrides are a changed input: the stages run again
     third = make("tokenize", f"OUTPUTS={tmp_path}", f"ARGS={args} tokenizer.vocab_size=600", env=env)
     assert third.returncode == 0 and "-m pipeline tokenize" in third.stdout
-    assert len(mlflow_runs(tracking_uri, experiment)) == 2
+    assert len(mlflow_runs(tracking_uri, experiment)) == 4
+
+
+def test_inspect_filter_without_output_names_the_target(tmp_path):
+    proc = make("inspect-filter", f"OUTPUTS={tmp_path}")
+    assert proc.returncode != 0 and "run 'make filter' first" in proc.stderr

@@ -5,6 +5,7 @@ Also measured in the same run: raw `encode_batch_fast` (no offsets), which the s
 from __future__ import annotations
 
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +26,18 @@ def run(quick: bool = False, overrides: list[str] = ()) -> dict:
     repeats = 2 if quick else 5
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[*(["~tokenize.sources.novels"] if quick else []), *overrides])
-    sources = {n: typed(node, SourceSpec, n) for n, node in cfg.tokenize.sources.items()}
+    sources, skipped = {}, []
+    for name, node in cfg.tokenize.sources.items():
+        spec = typed(node, SourceSpec, name)
+        if spec.stage is not None:  # an upstream stage's kept documents, when `make all` has made them
+            kept = Path(cfg.paths.outputs_dir) / cfg.name / spec.stage / "kept"
+            if not kept.is_dir():
+                skipped.append(f"{name} (no {kept}: run 'make {spec.stage}' to include it)")
+                continue
+            spec = SourceSpec(path=str(kept), format="parquet")
+        sources[name] = spec
+    for note in skipped:
+        print(f"tokenize_encode: skipping source {note}", file=sys.stderr)
     docs = assign_splits(load_documents(sources, cache_dir=str(Path(cfg.paths.cache_dir) / "datasets")),
                          val_fraction=cfg.tokenize.val_fraction, seed=cfg.seed, num_proc=cfg.tokenize.num_proc)
     docs = interleave(docs, cfg.seed)  # both sides encode the documents in the order the stage does
@@ -65,7 +77,7 @@ def run(quick: bool = False, overrides: list[str] = ()) -> dict:
     return {
         "name": "tokenize_encode",
         "what": "MB/s of UTF-8 text encoded: tokenize stage (datasets.map, num_proc, shards) vs raw encode_batch",
-        "corpus": {"documents": len(docs), "mb": round(mb, 2), "sources": list(sources)},
+        "corpus": {"documents": len(docs), "mb": round(mb, 2), "sources": list(sources), "skipped": skipped},
         "baseline": {"name": "tokenizers encode_batch, fresh tokenizer, Rust threads", "mb_per_s": round(baseline, 3),
                      "runs": [round(x, 3) for x in raw_runs]},
         # encode_batch_fast skips character offsets; the stage uses it, so it is the tighter bound.

@@ -138,6 +138,8 @@ def load_source(name: str, spec: SourceSpec, cache_dir: str) -> datasets.Dataset
     ds = ds.select_columns([field])
     if field != "text":
         ds = ds.rename_column(field, "text")
+    if feature.dtype == "large_string":  # so sources of either string type concatenate
+        ds = ds.cast_column("text", datasets.Value("string"))
     if spec.max_documents is not None:
         ds = ds.select(range(min(spec.max_documents, len(ds))))
     if spec.max_document_chars is not None:

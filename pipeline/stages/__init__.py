@@ -3,6 +3,7 @@ import importlib
 from types import ModuleType
 
 STAGES = {
+    "filter": ("pipeline.stages.filter", "extract, language-filter, quality-filter and redact crawled pages"),
     "tokenize": ("pipeline.stages.tokenize", "train a tokenizer and encode the corpus into train/val token shards"),
 }
 

@@ -1,0 +1,1 @@
+"""Crawl-corpus filtering: readers, text extraction, language ID, URL lists, quality rules, PII."""

@@ -1,0 +1,302 @@
+"""Run the filter over many files with a process pool; write kept and rejected Parquet shards.
+
+Files are grouped into tasks of similar size; each task streams its files record by record and
+writes ``kept/part-NNNNN.parquet`` and ``rejected/part-NNNNN.parquet``, so memory stays flat and
+the output does not depend on ``num_proc``.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import multiprocessing
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from pipeline.errors import BadInput
+from pipeline.filter.records import (Record, file_format, read_html, read_jsonl, read_parquet, read_warc)
+from pipeline.filter.steps import STEPS, Filter, Outcome, StepsSpec
+
+FLUSH_ROWS = 500
+SAMPLE_CHARS = 2000
+
+
+@dataclass
+class CrawlSource:
+    """One named crawl input: WARC/WET, HTML files, or JSONL/Parquet with a text or html field."""
+
+    path: str  # a file, a directory (searched recursively) or a glob
+    format: Optional[str] = None  # warc | html | jsonl | parquet; None: from each file's extension
+    text_field: str = "text"  # JSONL/Parquet: field with extracted text ...
+    html_field: str = "html"  # ... or with raw HTML (used when the text field is absent)
+    url_field: str = "url"
+    date_field: str = "date"
+    url_index: Optional[str] = None  # HTML files: a JSONL of {"path": relative to the index's folder, "url": ...}
+    exclude: List[str] = field(default_factory=list)  # glob patterns of paths to leave out
+    max_files: Optional[int] = None  # only the first N files (sorted), for quick runs
+
+
+@dataclass
+class InputFile:
+    source: str
+    path: str
+    format: str
+    url: Optional[str]
+    size: int
+    rel: str  # path relative to the source's base folder: part of each document's id
+
+
+def _base_dir(pattern: str) -> str:
+    """The folder a file, directory or glob pattern starts from."""
+    if os.path.isdir(pattern):
+        return pattern
+    magic = next((i for i, c in enumerate(pattern) if c in "*?["), None)
+    return os.path.dirname(pattern if magic is None else pattern[:magic])
+
+
+def resolve_inputs(sources: Dict[str, CrawlSource]) -> List[InputFile]:
+    """Every input file, checked up front: a missing or unreadable path fails here, naming it."""
+    if not sources:
+        raise BadInput("filter.sources is empty: add a source (see conf/experiment/demo.yaml)")
+    files: List[InputFile] = []
+    for name, spec in sources.items():
+        if os.path.isdir(spec.path):
+            found = sorted(str(p) for p in Path(spec.path).rglob("*") if p.is_file() and file_format(str(p)))
+        elif glob.has_magic(spec.path):
+            found = sorted(f for f in glob.glob(spec.path, recursive=True) if os.path.isfile(f))
+        elif os.path.exists(spec.path):
+            found = [spec.path]
+        else:
+            raise BadInput(f"filter.sources.{name}: {spec.path} does not exist")
+        found = [f for f in found if not any(fnmatch(f, pattern) for pattern in spec.exclude)]
+        if not found:
+            raise BadInput(f"filter.sources.{name}: no files match {spec.path}")
+        urls = _url_index(name, spec.url_index) if spec.url_index else {}
+        for path in found[: spec.max_files]:
+            fmt = spec.format or file_format(path)
+            if fmt == "arc":
+                raise BadInput(f"filter.sources.{name}: {path} is a legacy ARC file; convert it to WARC first")
+            if fmt not in ("warc", "html", "jsonl", "parquet"):
+                raise BadInput(f"filter.sources.{name}: cannot tell the format of {path}; set format: "
+                               f"warc, html, jsonl or parquet")
+            if not os.access(path, os.R_OK):
+                raise BadInput(f"filter.sources.{name}: {path} is not readable")
+            files.append(InputFile(name, path, fmt, urls.get(os.path.realpath(path)), os.path.getsize(path),
+                                   os.path.relpath(path, _base_dir(spec.path))))
+    return files
+
+
+def _url_index(name: str, index: str) -> Dict[str, str]:
+    try:
+        base = os.path.dirname(index)
+        out = {}
+        with open(index, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise BadInput(f"filter.sources.{name}.url_index: {index}: line {lineno}: invalid JSON ({e.msg})")
+                if entry.get("url") and entry.get("path"):
+                    out[os.path.realpath(os.path.join(base, entry["path"]))] = entry["url"]
+        return out
+    except OSError as e:
+        raise BadInput(f"filter.sources.{name}.url_index: {index} cannot be read ({e})") from None
+
+
+def plan_tasks(files: List[InputFile], num_proc: int) -> List[List[InputFile]]:
+    """Consecutive files grouped into tasks of about equal bytes, several per process for balance."""
+    total = sum(f.size for f in files)
+    target = max(total / max(4 * num_proc, 1), 1)
+    tasks, current, size = [], [], 0
+    for f in files:
+        current.append(f)
+        size += f.size
+        if size >= target:
+            tasks.append(current)
+            current, size = [], 0
+    if current:
+        tasks.append(current)
+    return tasks
+
+
+def read_file(f: InputFile, spec: CrawlSource) -> Iterator[Record]:
+    if f.format == "warc":
+        return read_warc(f.source, f.path)
+    if f.format == "html":
+        return read_html(f.source, f.path, f.rel, f.url)
+    fields = (spec.text_field, spec.html_field, spec.url_field, spec.date_field)
+    return (read_jsonl if f.format == "jsonl" else read_parquet)(f.source, f.path, *fields)
+
+
+def doc_id(f: InputFile, record: Record) -> str:
+    """Stable across runs and machines: the source, the file's path within it, the record's id."""
+    return hashlib.sha1(f"{f.source}\0{f.rel}\0{record.record_id}".encode()).hexdigest()[:20]
+
+
+def schemas(metric_names: List[str]) -> tuple[pa.Schema, pa.Schema]:
+    metrics = pa.struct([(m, pa.float64()) for m in metric_names]) if metric_names else pa.struct([])
+    common = [("id", pa.string()), ("url", pa.string()), ("source", pa.string()), ("file", pa.string()),
+              ("record_id", pa.string()), ("date", pa.string()), ("lang", pa.string()), ("lang_score", pa.float64()),
+              ("text", pa.string())]
+    kept = pa.schema([*common, ("metrics", metrics), ("pii_email", pa.int32()), ("pii_ip_address", pa.int32()),
+                      ("pii_phone", pa.int32()), ("toxic_words", pa.int32()), ("toxic", pa.bool_())])
+    rejected = pa.schema([*common, ("step", pa.string()), ("rule", pa.string()), ("value", pa.float64()),
+                          ("limit", pa.float64()), ("detail", pa.string()), ("raw", pa.large_binary()),
+                          ("metrics", metrics)])
+    return kept, rejected
+
+
+class _ShardWriter:
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.path, self.schema, self.rows, self.writer = path, schema, [], None
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        if len(self.rows) >= FLUSH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd")
+        if self.rows:
+            self.writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
+            self.rows = []
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+
+
+# Set in each worker by _init: the filter (word lists loaded once) and the run's settings.
+_STATE: dict = {}
+
+
+def _init(steps: StepsSpec, sources: Dict[str, CrawlSource], out_dir: str, samples_per_rule: int) -> None:
+    flt = Filter(steps)
+    _STATE.update(filter=flt, sources=sources, out_dir=Path(out_dir), samples=samples_per_rule,
+                  schemas=schemas(flt.metric_names()), tox_min=steps.toxicity.min_hits)
+
+
+def _row(f: InputFile, o: Outcome, kept: bool) -> dict:
+    r = o.record
+    row = {"id": doc_id(f, r), "url": r.url, "source": r.source, "file": r.file, "record_id": r.record_id,
+           "date": r.date, "lang": o.lang, "lang_score": o.lang_score, "text": o.text, "metrics": o.metrics or None}
+    if kept:
+        row.update(pii_email=o.pii.get("email", 0), pii_ip_address=o.pii.get("ip_address", 0),
+                   pii_phone=o.pii.get("phone", 0), toxic_words=o.toxic_words,
+                   toxic=o.toxic_words >= _STATE["tox_min"] and o.toxic_words > 0)
+    else:
+        row.update(step=o.step, rule=o.rule, value=None if o.value is None else float(o.value),
+                   limit=None if o.limit is None else float(o.limit), detail=o.detail[:2000],
+                   raw=r.html if o.text is None else None)
+    return row
+
+
+def run_task(args: tuple[int, List[InputFile]]) -> dict:
+    """Filter one task's files; write its two shards; return its counts and samples."""
+    index, files = args
+    flt: Filter = _STATE["filter"]
+    kept_schema, rejected_schema = _STATE["schemas"]
+    out: Path = _STATE["out_dir"]
+    kept_w = _ShardWriter(out / "kept" / f"part-{index:05d}.parquet", kept_schema)
+    rej_w = _ShardWriter(out / "rejected" / f"part-{index:05d}.parquet", rejected_schema)
+    stats = {"input": Counter(), "kept": Counter(), "rejected": Counter(), "rules": defaultdict(Counter),
+             "pii": Counter(), "toxic": Counter(), "bytes_in": 0, "chars_kept": 0, "samples": defaultdict(list)}
+    for f in files:
+        stats["bytes_in"] += f.size
+        for record in read_file(f, _STATE["sources"][f.source]):
+            o = flt(record)
+            stats["input"][f.source] += 1
+            if o.kept:
+                stats["kept"][f.source] += 1
+                stats["chars_kept"] += len(o.text)
+                stats["pii"].update(o.pii)
+                stats["toxic"][f.source] += int(o.toxic_words >= _STATE["tox_min"] and o.toxic_words > 0)
+                kept_w.add(_row(f, o, kept=True))
+            else:
+                stats["rejected"][f.source] += 1
+                stats["rules"][o.rule][f.source] += 1
+                row = _row(f, o, kept=False)
+                if len(stats["samples"][o.rule]) < _STATE["samples"]:
+                    sample = {k: row[k] for k in ("id", "url", "source", "file", "record_id", "rule", "value", "limit",
+                                                  "detail", "lang", "lang_score")}
+                    sample["text"] = (o.text or "")[:SAMPLE_CHARS]
+                    stats["samples"][o.rule].append(sample)
+                rej_w.add(row)
+    kept_w.close()
+    rej_w.close()
+    return stats
+
+
+def run_filter(sources: Dict[str, CrawlSource], steps: StepsSpec, out_dir: Path, num_proc: int,
+               samples_per_rule: int) -> dict:
+    """Filter every source into ``out_dir``/kept and ``out_dir``/rejected; return merged statistics."""
+    files = resolve_inputs(sources)
+    tasks = list(enumerate(plan_tasks(files, num_proc)))
+    init_args = (steps, sources, str(out_dir), samples_per_rule)
+    results: Dict[int, dict] = {}
+    bar = tqdm(total=len(files), desc="Filtering", unit="file")
+    if num_proc <= 1 or len(tasks) == 1:
+        _init(*init_args)
+        for index, task in tasks:
+            results[index] = run_task((index, task))
+            bar.update(len(task))
+    else:
+        with multiprocessing.get_context("fork").Pool(min(num_proc, len(tasks)), _init, init_args) as pool:
+            sizes = {index: len(task) for index, task in tasks}
+            done = pool.imap_unordered(_indexed, tasks)
+            for index, stats in done:
+                results[index] = stats
+                bar.update(sizes[index])
+    bar.close()
+    return merge([results[i] for i in sorted(results)], list(sources), samples_per_rule, files)
+
+
+def _indexed(args: tuple[int, List[InputFile]]) -> tuple[int, dict]:
+    return args[0], run_task(args)
+
+
+def merge(parts: List[dict], source_names: List[str], samples_per_rule: int, files: List[InputFile]) -> dict:
+    """Task statistics summed in task order (so samples are the same whatever finished first)."""
+    total = {"input": Counter(), "kept": Counter(), "rejected": Counter(), "rules": defaultdict(Counter),
+             "pii": Counter(), "toxic": Counter(), "bytes_in": 0, "chars_kept": 0, "samples": defaultdict(list)}
+    for p in parts:
+        for key in ("input", "kept", "rejected", "pii", "toxic"):
+            total[key].update(p[key])
+        for rule, c in p["rules"].items():
+            total["rules"][rule].update(c)
+        total["bytes_in"] += p["bytes_in"]
+        total["chars_kept"] += p["chars_kept"]
+        for rule, samples in p["samples"].items():
+            room = samples_per_rule - len(total["samples"][rule])
+            total["samples"][rule] += samples[:max(room, 0)]
+    per_source = {s: {"files": sum(1 for f in files if f.source == s), "input": total["input"][s],
+                      "kept": total["kept"][s], "rejected": total["rejected"][s], "toxic_flagged": total["toxic"][s],
+                      "rejected_by_rule": {r: c[s] for r, c in sorted(total["rules"].items()) if c[s]}}
+                  for s in source_names}
+    for s, c in per_source.items():
+        if c["kept"] + c["rejected"] != c["input"]:
+            raise AssertionError(f"source {s}: kept {c['kept']} + rejected {c['rejected']} != input {c['input']}")
+    rules = {r: sum(c.values()) for r, c in total["rules"].items()}
+    return {"per_source": per_source, "rules": dict(sorted(rules.items())), "pii": dict(total["pii"]),
+            "bytes_in": total["bytes_in"], "chars_kept": total["chars_kept"], "samples": dict(total["samples"]),
+            "funnel": funnel(sum(total["input"].values()), rules)}
+
+
+def funnel(n_input: int, rules: Dict[str, int]) -> List[tuple[str, int]]:
+    """Documents left after each step, in step order: [("input", N), ("read", ...), ...]."""
+    left, out = n_input, [("input", n_input)]
+    for step in STEPS:
+        removed = sum(c for r, c in rules.items() if r.split(".", 1)[0] == step)
+        left -= removed
+        out.append((step, left))
+    return out
