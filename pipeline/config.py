@@ -11,13 +11,9 @@ from omegaconf import MISSING, OmegaConf
 
 from pipeline import PROJECT_ROOT
 from pipeline.data.sources import SourceSpec
-from pipeline.filter.extract import ENGINES, ExtractSpec
-from pipeline.filter.langid import LangIdSpec
-from pipeline.filter.pii import PiiSpec
-from pipeline.filter.quality import C4Spec, GopherSpec
+from pipeline.filter.extract import ENGINES
 from pipeline.filter.run import CrawlSource
-from pipeline.filter.steps import ToxicitySpec
-from pipeline.filter.urls import UrlSpec
+from pipeline.filter.steps import StepsSpec
 from pipeline.tokenizer.build import TokenizerSpec
 
 
@@ -37,19 +33,13 @@ class TrackingConfig:
 
 
 @dataclass
-class FilterConfig:
+class FilterConfig(StepsSpec):
+    """The filter stage: its sources and pool, plus every step's settings (StepsSpec, conf/filter/<step>.yaml)."""
+
     # name -> CrawlSource, typed as Any for the same reason as tokenize.sources; validate() checks them.
     sources: Dict[str, Any] = field(default_factory=dict)
     num_proc: int = 2  # worker processes; files are grouped into tasks of similar size
     samples_per_rule: int = 20  # rejected documents per rule kept as an MLflow artifact
-    # The steps, in the order they run (conf/filter/<step>.yaml); each has `enabled`.
-    urls: UrlSpec = field(default_factory=UrlSpec)
-    extract: ExtractSpec = field(default_factory=ExtractSpec)
-    langid: LangIdSpec = field(default_factory=LangIdSpec)
-    gopher: GopherSpec = field(default_factory=GopherSpec)
-    c4: C4Spec = field(default_factory=C4Spec)
-    pii: PiiSpec = field(default_factory=PiiSpec)
-    toxicity: ToxicitySpec = field(default_factory=ToxicitySpec)
 
 
 @dataclass

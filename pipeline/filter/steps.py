@@ -29,9 +29,11 @@ class ToxicitySpec:
 
 @dataclass
 class StepsSpec:
+    """Every step's settings, in the order the steps run."""
+
+    urls: UrlSpec = field(default_factory=UrlSpec)
     extract: ExtractSpec = field(default_factory=ExtractSpec)
     langid: LangIdSpec = field(default_factory=LangIdSpec)
-    urls: UrlSpec = field(default_factory=UrlSpec)
     gopher: GopherSpec = field(default_factory=GopherSpec)
     c4: C4Spec = field(default_factory=C4Spec)
     pii: PiiSpec = field(default_factory=PiiSpec)

@@ -1,6 +1,7 @@
 """filter: crawl pages in, clean documents out; every rejected document keeps the rule that removed it."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from omegaconf import DictConfig, OmegaConf
@@ -21,8 +22,7 @@ def upstream(cfg: DictConfig) -> list[str]:
 def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
     f = cfg.filter
     sources = {name: typed(node, CrawlSource, f"filter.sources.{name}") for name, node in f.sources.items()}
-    steps = typed({k: OmegaConf.to_container(f[k], resolve=True) for k in ("urls", "extract", "langid", "gopher",
-                                                                          "c4", "pii", "toxicity")},
+    steps = typed({s.name: OmegaConf.to_container(f[s.name], resolve=True) for s in dataclasses.fields(StepsSpec)},
                   StepsSpec, "filter")
     stats = run_filter(sources, steps, ctx.build_dir, num_proc=f.num_proc, samples_per_rule=f.samples_per_rule)
 
