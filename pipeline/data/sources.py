@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import datasets
 import fsspec
@@ -57,21 +57,28 @@ def _stem_suffix(path: str) -> str:
     return os.path.splitext(name)[1]
 
 
-def resolve_files(name: str, pattern: str) -> list[str]:
-    """Expand a file, directory or glob into a sorted list of readable files."""
+def resolve_files(name: str, pattern: str, accept: Optional[Callable[[str], bool]] = None,
+                  label: Optional[str] = None) -> list[str]:
+    """Expand a file, directory or glob into a sorted list of readable files.
+
+    ``accept`` picks the files of a directory (default: the text formats this module reads);
+    ``label`` starts the error messages (default: ``source '<name>'``).
+    """
+    where = label or f"source '{name}'"
+    accept = accept or (lambda path: _stem_suffix(path) in FORMATS)
     if os.path.isdir(pattern):
-        files = [str(p) for p in sorted(Path(pattern).rglob("*")) if p.is_file() and _stem_suffix(str(p)) in FORMATS]
+        files = [str(p) for p in sorted(Path(pattern).rglob("*")) if p.is_file() and accept(str(p))]
     elif glob.has_magic(pattern):
         files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
     elif os.path.isfile(pattern):
         files = [pattern]
     else:
-        raise BadInput(f"source '{name}': {pattern} does not exist")
+        raise BadInput(f"{where}: {pattern} does not exist")
     if not files:
-        raise BadInput(f"source '{name}': no files match {pattern}")
+        raise BadInput(f"{where}: no files match {pattern}")
     for f in files:
         if not os.access(f, os.R_OK):
-            raise BadInput(f"source '{name}': {f} is not readable")
+            raise BadInput(f"{where}: {f} is not readable")
     return files
 
 

@@ -6,7 +6,6 @@ the output does not depend on ``num_proc``.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import multiprocessing
@@ -21,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from pipeline.data.sources import resolve_files
 from pipeline.errors import BadInput
 from pipeline.filter.records import (Record, file_format, read_html, read_jsonl, read_parquet, read_warc)
 from pipeline.filter.steps import STEPS, Filter, Outcome, StepsSpec
@@ -68,14 +68,8 @@ def resolve_inputs(sources: Dict[str, CrawlSource]) -> List[InputFile]:
         raise BadInput("filter.sources is empty: add a source (see conf/experiment/demo.yaml)")
     files: List[InputFile] = []
     for name, spec in sources.items():
-        if os.path.isdir(spec.path):
-            found = sorted(str(p) for p in Path(spec.path).rglob("*") if p.is_file() and file_format(str(p)))
-        elif glob.has_magic(spec.path):
-            found = sorted(f for f in glob.glob(spec.path, recursive=True) if os.path.isfile(f))
-        elif os.path.exists(spec.path):
-            found = [spec.path]
-        else:
-            raise BadInput(f"filter.sources.{name}: {spec.path} does not exist")
+        found = resolve_files(name, spec.path, accept=lambda p: file_format(p) is not None,
+                              label=f"filter.sources.{name}")
         found = [f for f in found if not any(fnmatch(f, pattern) for pattern in spec.exclude)]
         if not found:
             raise BadInput(f"filter.sources.{name}: no files match {spec.path}")
@@ -87,8 +81,6 @@ def resolve_inputs(sources: Dict[str, CrawlSource]) -> List[InputFile]:
             if fmt not in ("warc", "html", "jsonl", "parquet"):
                 raise BadInput(f"filter.sources.{name}: cannot tell the format of {path}; set format: "
                                f"warc, html, jsonl or parquet")
-            if not os.access(path, os.R_OK):
-                raise BadInput(f"filter.sources.{name}: {path} is not readable")
             files.append(InputFile(name, path, fmt, urls.get(os.path.realpath(path)), os.path.getsize(path),
                                    os.path.relpath(path, _base_dir(spec.path))))
     return files
