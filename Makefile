@@ -33,7 +33,7 @@ ifneq ($(filter name=%,$(ARGS)),)
 $(error ARGS sets name=: choose the experiment with EXP=<preset> instead, so Make finds outputs/<EXP>/)
 endif
 
-.PHONY: help setup test all filter inspect-filter tokenize bench clean mlflow-ui FORCE
+.PHONY: help setup test all filter inspect-filter dedup dedup-eval tokenize bench clean mlflow-ui FORCE
 
 help: ## Show the targets
 	@echo "usage: make <target> [EXP=$(EXP)] [ARGS='key=value ...']"
@@ -49,7 +49,7 @@ setup: ## Create .venv, install torch ($(TORCH)) first, then the project with it
 test: ## Run the whole test suite, slow tests included (what CI runs)
 	$(PY) -m pytest --runslow -q
 
-all: filter tokenize ## Run the demo pipeline (every stage that exists), skipping what is up to date
+all: filter dedup tokenize ## Run the demo pipeline (every stage that exists), skipping what is up to date
 
 filter: $(OUT)/filter/manifest.json ## Extract, language-filter, quality-filter and redact the crawl
 
@@ -61,10 +61,24 @@ $(OUT)/filter/manifest.json: $(OUT)/.args/filter $(COMMON) conf/filter.yaml $(wi
 inspect-filter: ## Print a few rejected documents per rule (N=3, RULE=prefix) to judge the thresholds
 	$(PY) -m pipeline.filter.inspect $(OUT)/filter -n $(or $(N),3) $(if $(RULE),--rule $(RULE))
 
+dedup: $(OUT)/dedup/manifest.json ## Remove URL, exact and near-duplicate documents and boilerplate lines
+
+DEDUP_DEPS := $(COMMON) conf/dedup.yaml $(wildcard conf/dedup/*.yaml) $(wildcard pipeline/dedup/*.py)
+$(eval $(call args_stamp,dedup))
+$(OUT)/dedup/manifest.json: $(OUT)/filter/manifest.json $(OUT)/.args/dedup $(DEDUP_DEPS) pipeline/stages/dedup.py
+	$(STAGE) dedup $(STAGE_ARGS)
+
+dedup-eval: $(OUT)/dedup-eval/manifest.json ## Measure near-duplicate precision/recall (planted copies, true Jaccard)
+
+$(eval $(call args_stamp,dedup-eval))
+$(OUT)/dedup-eval/manifest.json: $(OUT)/filter/manifest.json $(OUT)/.args/dedup-eval $(DEDUP_DEPS) \
+		pipeline/stages/dedup.py pipeline/stages/dedup_eval.py
+	$(STAGE) dedup-eval $(STAGE_ARGS)
+
 tokenize: $(OUT)/tokenize/manifest.json ## Train the tokenizer and encode the corpus into token shards
 
 $(eval $(call args_stamp,tokenize))
-$(OUT)/tokenize/manifest.json: $(OUT)/filter/manifest.json $(OUT)/.args/tokenize $(COMMON) conf/tokenize.yaml \
+$(OUT)/tokenize/manifest.json: $(OUT)/dedup/manifest.json $(OUT)/.args/tokenize $(COMMON) conf/tokenize.yaml \
 		$(wildcard conf/tokenizer/*.yaml) pipeline/stages/tokenize.py $(wildcard pipeline/tokenizer/*.py) \
 		$(wildcard pipeline/data/*.py)
 	$(STAGE) tokenize $(STAGE_ARGS)

@@ -10,20 +10,24 @@ import sys
 from pathlib import Path
 
 from pipeline import PROJECT_ROOT
-from pipeline.stages import STAGES
+from pipeline.stages import STAGES, TOOLS
 
 CONF_DIR = PROJECT_ROOT / "conf"
 STAGE_ENV = "PIPELINE_STAGE"
 
 
 def usage() -> str:
-    width = max(map(len, STAGES))
+    width = max(map(len, {**STAGES, **TOOLS}))
     lines = [f"  {name:<{width}}  {desc}" for name, (_, desc) in STAGES.items()]
+    tools = [f"  {name:<{width}}  {desc}" for name, (_, desc) in TOOLS.items()]
     return "\n".join([
         "usage: python -m pipeline <stage> [key=value ...] [--help] [--cfg job] [-m]",
         "",
         "stages:",
         *lines,
+        "",
+        "tools (their own output folder and MLflow run, outside `make all`):",
+        *tools,
         "",
         "examples:",
         "  python -m pipeline tokenize tokenizer.vocab_size=8000",
@@ -72,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     stage, rest = argv[0], argv[1:]
-    if stage not in STAGES:
-        print(f"error: unknown stage '{stage}'; stages: {', '.join(STAGES)}", file=sys.stderr)
+    if stage not in STAGES and stage not in TOOLS:
+        print(f"error: unknown stage '{stage}'; stages: {', '.join([*STAGES, *TOOLS])}", file=sys.stderr)
         return 2
 
     import signal

@@ -11,6 +11,10 @@ from omegaconf import MISSING, OmegaConf
 
 from pipeline import PROJECT_ROOT
 from pipeline.data.sources import SourceSpec
+from pipeline.dedup.evaluate import EvalSpec
+from pipeline.dedup.minhash import INDEX_BACKENDS, VERIFY
+from pipeline.dedup.run import KEEP_POLICIES, URL_POLICIES, DedupSpec
+from pipeline.dedup.text import SHINGLE_KINDS
 from pipeline.filter.extract import ENGINES
 from pipeline.filter.run import CrawlSource
 from pipeline.filter.steps import StepsSpec
@@ -43,6 +47,21 @@ class FilterConfig(StepsSpec):
 
 
 @dataclass
+class DedupInput:
+    stage: Optional[str] = "filter"  # an upstream stage whose kept/*.parquet to read ...
+    path: Optional[str] = None  # ... or Parquet/JSONL files with a 'text' column
+
+
+@dataclass
+class DedupConfig(DedupSpec):
+    """The dedup stage: its input and shards, the levels (DedupSpec, conf/dedup/<level>.yaml), the evaluation."""
+
+    input: DedupInput = field(default_factory=DedupInput)
+    rows_per_shard: int = 100000
+    eval: EvalSpec = field(default_factory=EvalSpec)
+
+
+@dataclass
 class TokenizeConfig:
     # name -> SourceSpec. Typed as Any so `+tokenize.sources.NAME={path: ...}` works on the command line
     # (OmegaConf cannot append to a Dict of dataclasses); validate() checks each entry against SourceSpec.
@@ -60,6 +79,7 @@ class RootConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
 
@@ -107,7 +127,22 @@ def validate(cfg) -> None:
               ("filter.num_proc", cfg.filter.num_proc >= 1, "at least 1"),
               ("filter.samples_per_rule", cfg.filter.samples_per_rule >= 0, "at least 0"),
               ("filter.langid.min_score", 0 <= cfg.filter.langid.min_score <= 1, "in [0, 1]"),
-              ("filter.extract.engine", cfg.filter.extract.engine in ENGINES, f"one of {', '.join(ENGINES)}")]
+              ("filter.extract.engine", cfg.filter.extract.engine in ENGINES, f"one of {', '.join(ENGINES)}"),
+              ("dedup.keep", cfg.dedup.keep in KEEP_POLICIES, f"one of {', '.join(KEEP_POLICIES)}"),
+              ("dedup.url.keep", cfg.dedup.url.keep in URL_POLICIES, f"one of {', '.join(URL_POLICIES)}"),
+              ("dedup.near.threshold", 0 < cfg.dedup.near.threshold <= 1, "in (0, 1]"),
+              ("dedup.near.num_perm", cfg.dedup.near.num_perm >= 2, "at least 2"),
+              ("dedup.near.num_proc", cfg.dedup.near.num_proc >= 1, "at least 1"),
+              ("dedup.near.shingles.n", cfg.dedup.near.shingles.n >= 1, "at least 1"),
+              ("dedup.near.shingles.kind", cfg.dedup.near.shingles.kind in SHINGLE_KINDS,
+               f"one of {', '.join(SHINGLE_KINDS)}"),
+              ("dedup.near.verify", cfg.dedup.near.verify in VERIFY, f"one of {', '.join(VERIFY)}"),
+              ("dedup.near.index.backend", cfg.dedup.near.index.backend in INDEX_BACKENDS,
+               f"one of {', '.join(INDEX_BACKENDS)}"),
+              ("dedup.near.index.workers", cfg.dedup.near.index.workers >= 1, "at least 1"),
+              ("dedup.lines.min_documents", cfg.dedup.lines.min_documents >= 2, "at least 2"),
+              ("dedup.rows_per_shard", cfg.dedup.rows_per_shard >= 1, "at least 1"),
+              ("dedup.eval.max_docs", cfg.dedup.eval.max_docs >= 2, "at least 2")]
     for key, ok, expected in checks:
         if not ok:
             raise PipelineError(f"config key '{key}' is {OmegaConf.select(cfg, key)}; it must be {expected}")

@@ -1,12 +1,17 @@
-"""The stages, in pipeline order: name -> (module, one-line description)."""
+"""The stages, in pipeline order: name -> (module, one-line description); TOOLS run beside the pipeline."""
 import importlib
 from types import ModuleType
 
 STAGES = {
     "filter": ("pipeline.stages.filter", "extract, language-filter, quality-filter and redact crawled pages"),
+    "dedup": ("pipeline.stages.dedup", "remove URL, exact and near-duplicate documents and boilerplate lines"),
     "tokenize": ("pipeline.stages.tokenize", "train a tokenizer and encode the corpus into train/val token shards"),
+}
+
+TOOLS = {
+    "dedup-eval": ("pipeline.stages.dedup_eval", "measure near-duplicate precision and recall on the dedup input"),
 }
 
 
 def load_stage(name: str) -> ModuleType:
-    return importlib.import_module(STAGES[name][0])
+    return importlib.import_module({**STAGES, **TOOLS}[name][0])

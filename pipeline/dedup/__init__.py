@@ -1,0 +1,1 @@
+"""Deduplication at four levels: URL, exact text, MinHash near-duplicates and repeated lines."""
