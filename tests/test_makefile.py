@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from pipeline import PROJECT_ROOT
-from pipeline.stages import STAGES
+from pipeline.stages import STAGES, TOOLS
 from tests.conftest import mlflow_runs, tiny_filter_overrides, tiny_tokenize_overrides
 
 
@@ -20,7 +20,7 @@ def make(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def test_help_is_the_default_goal_and_lists_every_stage():
     proc = make()
     assert proc.returncode == 0
-    for target in ["setup", "test", "all", "clean", "mlflow-ui", "bench", *STAGES]:
+    for target in ["setup", "test", "all", "clean", "mlflow-ui", "bench", *STAGES, *TOOLS]:
         assert f"  {target} " in proc.stdout, target
 
 
@@ -42,18 +42,20 @@ def test_make_tokenize_twice_runs_the_stages_once(tmp_path, data_dir, tracking_u
     env = {"MLFLOW_TRACKING_URI": tracking_uri}
     first = make("tokenize", f"OUTPUTS={tmp_path}", f"ARGS={args}", env=env)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "-m pipeline filter" in first.stdout  # the upstream stage runs first
+    assert "-m pipeline filter" in first.stdout and "-m pipeline dedup" in first.stdout  # upstream stages first
     assert (tmp_path / "demo" / "filter" / "manifest.json").is_file()
+    assert (tmp_path / "demo" / "dedup" / "manifest.json").is_file()
     assert (tmp_path / "demo" / "tokenize" / "manifest.json").is_file()
     second = make("tokenize", f"OUTPUTS={tmp_path}", f"ARGS={args}", env=env)
     assert second.returncode == 0 and "-m pipeline" not in second.stdout
     runs = mlflow_runs(tracking_uri, experiment)
-    assert sorted((r.data.tags["stage"], r.info.status) for r in runs) == [("filter", "FINISHED"),
+    assert sorted((r.data.tags["stage"], r.info.status) for r in runs) == [("dedup", "FINISHED"),
+                                                                           ("filter", "FINISHED"),
                                                                            ("tokenize", "FINISHED")]
     # changed overrides are a changed input: the stages run again
     third = make("tokenize", f"OUTPUTS={tmp_path}", f"ARGS={args} tokenizer.vocab_size=600", env=env)
     assert third.returncode == 0 and "-m pipeline tokenize" in third.stdout
-    assert len(mlflow_runs(tracking_uri, experiment)) == 4
+    assert len(mlflow_runs(tracking_uri, experiment)) == 6  # ARGS reach every stage: all three ran again
 
 
 def test_inspect_filter_without_output_names_the_target(tmp_path):

@@ -130,6 +130,8 @@ def deduplicate(table: pa.Table, spec: DedupSpec, label: str = "dedup input", pr
         raise BadInput(f"{label}: no 'text' column (columns: {', '.join(table.column_names)})")
     n = table.num_rows
     ids = document_ids(table, label)
+    if "id" not in table.column_names:  # so removed documents and the ones they duplicate can be found
+        table = table.add_column(0, "id", pa.array(ids, pa.string()))
     texts = [t or "" for t in table.column("text").to_pylist()]
     alive = np.ones(n, bool)
     level = np.full(n, -1, np.int8)  # index into LEVELS for removed rows
