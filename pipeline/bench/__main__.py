@@ -8,7 +8,8 @@ from pathlib import Path
 
 from pipeline import PROJECT_ROOT
 
-BENCHMARKS = {"tokenize_encode": "pipeline.bench.tokenize_encode"}
+BENCHMARKS = {"tokenize_encode": "pipeline.bench.tokenize_encode", "dedup_near": "pipeline.bench.dedup_near",
+              "dedup_memory": "pipeline.bench.dedup_memory"}
 
 
 def main() -> int:

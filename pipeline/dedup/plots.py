@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 
 matplotlib.use("Agg")
@@ -27,6 +28,7 @@ def plot_clusters(cluster_sizes: dict[int, int], removed: dict[str, int], path: 
     for bar, n in zip(bars, removed.values()):
         right.annotate(f"{n:,}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                        fontsize=8)
+    right.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     right.set_ylabel("documents removed")
     right.set_title("Removed per level")
     fig.tight_layout()
