@@ -189,7 +189,7 @@ def deduplicate(table: pa.Table, spec: DedupSpec, label: str = "dedup input", pr
         bands, rows_per_band = lsh_params(spec.near)
         candidates = np.nonzero(alive & (sizes > 0))[0]
         started = time.perf_counter()
-        pairs, est = near_duplicate_edges(sig, candidates, spec.near, texts, progress=progress)
+        pairs, _ = near_duplicate_edges(sig, candidates, spec.near, texts, progress=progress)
         graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
         _, component = connected_components(graph, directed=False)
         in_cluster = np.zeros(n, bool)
@@ -199,7 +199,6 @@ def deduplicate(table: pa.Table, spec: DedupSpec, label: str = "dedup input", pr
         remove(rows, "near", keeper[rows], similarity(rows, keeper[rows]))
         stats.update(near_bands=bands, near_rows=rows_per_band, near_pairs=int(len(pairs)),
                      near_index_seconds=time.perf_counter() - started, near_indexed=int(len(candidates)))
-        stats["near_pair_jaccard"] = est.tolist()
 
     lines_removed = np.zeros(n, np.int32)
     if spec.lines.enabled:
