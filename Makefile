@@ -33,7 +33,7 @@ ifneq ($(filter name=%,$(ARGS)),)
 $(error ARGS sets name=: choose the experiment with EXP=<preset> instead, so Make finds outputs/<EXP>/)
 endif
 
-.PHONY: help setup test all filter inspect-filter dedup dedup-eval tokenize bench clean mlflow-ui FORCE
+.PHONY: help setup test all filter inspect-filter dedup dedup-eval tokenize pretrain cpt generate bench clean mlflow-ui FORCE
 
 help: ## Show the targets
 	@echo "usage: make <target> [EXP=$(EXP)] [ARGS='key=value ...']"
@@ -49,7 +49,7 @@ setup: ## Create .venv, install torch ($(TORCH)) first, then the project with it
 test: ## Run the whole test suite, slow tests included (what CI runs)
 	$(PY) -m pytest --runslow -q
 
-all: filter dedup tokenize ## Run the demo pipeline (every stage that exists), skipping what is up to date
+all: filter dedup tokenize pretrain cpt ## Run the demo pipeline (every stage that exists), skipping what is up to date
 
 filter: $(OUT)/filter/manifest.json ## Extract, language-filter, quality-filter and redact the crawl
 
@@ -82,6 +82,26 @@ $(OUT)/tokenize/manifest.json: $(OUT)/dedup/manifest.json $(OUT)/.args/tokenize 
 		$(wildcard conf/tokenizer/*.yaml) pipeline/stages/tokenize.py $(wildcard pipeline/tokenizer/*.py) \
 		$(wildcard pipeline/data/*.py)
 	$(STAGE) tokenize $(STAGE_ARGS)
+
+TRAIN_DEPS := $(COMMON) $(wildcard conf/model/*.yaml) $(wildcard conf/trainer/*.yaml) $(wildcard pipeline/model/*.py) \
+	$(wildcard pipeline/train/*.py)
+
+pretrain: $(OUT)/pretrain/manifest.json ## Train the model (conf/model/) on the token shards; after a kill it resumes
+
+$(eval $(call args_stamp,pretrain))
+$(OUT)/pretrain/manifest.json: $(OUT)/tokenize/manifest.json $(OUT)/.args/pretrain $(TRAIN_DEPS) conf/pretrain.yaml \
+		pipeline/stages/pretrain.py
+	$(STAGE) pretrain $(STAGE_ARGS)
+
+cpt: $(OUT)/cpt/manifest.json ## Continue pretraining on the domain corpus; adaptation and forgetting in MLflow
+
+$(eval $(call args_stamp,cpt))
+$(OUT)/cpt/manifest.json: $(OUT)/pretrain/manifest.json $(OUT)/.args/cpt $(TRAIN_DEPS) conf/cpt.yaml \
+		pipeline/stages/cpt.py pipeline/stages/pretrain.py
+	$(STAGE) cpt $(STAGE_ARGS)
+
+generate: ## Continue PROMPT="..." with the newest model of MODEL=pretrain|cpt (GEN_ARGS="--strategy sample ...")
+	$(PY) -m pipeline.model.generate $(OUT)/$(or $(MODEL),pretrain) --prompt "$(PROMPT)" $(GEN_ARGS)
 
 bench: ## Benchmarks against baselines measured in the same run (outputs/bench/*.json)
 	$(PY) -m pipeline.bench

@@ -49,7 +49,7 @@ def _task(cfg) -> None:
     from pipeline.tracking import PARENT_RUN_ENV
 
     hc = HydraConfig.get()
-    stage = hc.job.name
+    stage = os.environ[STAGE_ENV]  # not hc.job.name: Lightning renames the job of the DDP processes it starts
     out_dir, run_name, tags = None, stage, {}
     if hc.mode == RunMode.MULTIRUN:
         # Each job of a sweep writes beside its Hydra job directory, not over outputs/<exp>/<stage>.
@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     stage, rest = argv[0], argv[1:]
+    if stage not in STAGES and stage not in TOOLS and "LOCAL_RANK" in os.environ and os.environ.get(STAGE_ENV):
+        # A DDP process that Lightning started: it repeats our arguments after the stage name only.
+        stage, rest = os.environ[STAGE_ENV], argv
     if stage not in STAGES and stage not in TOOLS:
         print(f"error: unknown stage '{stage}'; stages: {', '.join([*STAGES, *TOOLS])}", file=sys.stderr)
         return 2

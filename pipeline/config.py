@@ -18,7 +18,10 @@ from pipeline.dedup.text import SHINGLE_KINDS
 from pipeline.filter.extract import ENGINES
 from pipeline.filter.run import CrawlSource
 from pipeline.filter.steps import StepsSpec
+from pipeline.model.gpt import BLOCKS, ModelConfig
 from pipeline.tokenizer.build import TokenizerSpec
+from pipeline.train.module import SCHEDULES
+from pipeline.train.run import TrainerSpec, TrainSpec
 
 
 @dataclass
@@ -73,6 +76,24 @@ class TokenizeConfig:
 
 
 @dataclass
+class PretrainConfig(TrainSpec):
+    export: bool = True  # also write a transformers model directory (hf/)
+
+
+@dataclass
+class CptInit:
+    stage: Optional[str] = "pretrain"  # a training stage whose model.pt to continue ...
+    path: Optional[str] = None  # ... or a transformers causal-LM directory
+
+
+@dataclass
+class CptConfig(PretrainConfig):
+    init: CptInit = field(default_factory=CptInit)
+    sources: Dict[str, Any] = field(default_factory=dict)  # the domain corpus, as tokenize.sources
+    val_fraction: float = 0.05
+
+
+@dataclass
 class RootConfig:
     name: str = MISSING  # experiment name: outputs/<name>/, MLflow experiment <name>
     seed: int = 1337
@@ -82,6 +103,10 @@ class RootConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerSpec = field(default_factory=TrainerSpec)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    cpt: CptConfig = field(default_factory=CptConfig)
 
 
 T = TypeVar("T")
@@ -119,6 +144,31 @@ def validate(cfg) -> None:
         typed(node, SourceSpec, f"tokenize.sources.{name}")
     for name, node in cfg.filter.sources.items():
         typed(node, CrawlSource, f"filter.sources.{name}")
+    for name, node in cfg.cpt.sources.items():
+        typed(node, SourceSpec, f"cpt.sources.{name}")
+    m = cfg.model
+    checks = [("model.block", m.block in BLOCKS, f"one of {', '.join(BLOCKS)}"),
+              ("model.n_layer", m.n_layer >= 1, "at least 1"),
+              ("model.n_head", m.n_head >= 1 and m.d_model % m.n_head == 0, "at least 1 and divide model.d_model"),
+              ("model.context", m.context >= 2, "at least 2"),
+              ("model.dropout", 0 <= m.dropout < 1, "in [0, 1)"),
+              ("cpt.val_fraction", 0 < cfg.cpt.val_fraction < 1, "in (0, 1)")]
+    for stage in ("pretrain", "cpt"):
+        t = cfg[stage]
+        checks += [(f"{stage}.max_steps", t.max_steps >= 1, "at least 1"),
+                   (f"{stage}.micro_batch_size", t.micro_batch_size >= 1, "at least 1"),
+                   (f"{stage}.grad_accum", t.grad_accum >= 1, "at least 1"),
+                   (f"{stage}.grad_clip", t.grad_clip >= 0, "at least 0 (0: off)"),
+                   (f"{stage}.eval_every_steps", t.eval_every_steps >= 1, "at least 1"),
+                   (f"{stage}.eval_windows", t.eval_windows >= 1, "at least 1"),
+                   (f"{stage}.ckpt_every_steps", t.ckpt_every_steps >= 0, "at least 0 (0: only at the end)"),
+                   (f"{stage}.optim.lr", t.optim.lr > 0, "positive"),
+                   (f"{stage}.optim.warmup_steps", t.optim.warmup_steps >= 0, "at least 0"),
+                   (f"{stage}.optim.min_lr_ratio", 0 <= t.optim.min_lr_ratio <= 1, "in [0, 1]"),
+                   (f"{stage}.optim.schedule", t.optim.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}")]
+    for key, ok, expected in checks:
+        if not ok:
+            raise PipelineError(f"config key '{key}' is {OmegaConf.select(cfg, key)}; it must be {expected}")
     checks = [("tokenize.val_fraction", 0 <= cfg.tokenize.val_fraction < 1, "in [0, 1)"),
               ("tokenize.num_proc", cfg.tokenize.num_proc >= 1, "at least 1"),
               ("tokenize.batch_size", cfg.tokenize.batch_size >= 1, "at least 1"),

@@ -3,7 +3,9 @@
 A stage module provides
     SECTIONS  the config keys that define its output (hashed, logged as params),
     upstream(cfg) -> list of upstream stage names it reads,
-    run(cfg, ctx) -> StageResult, writing only into ctx.build_dir.
+    run(cfg, ctx) -> StageResult, writing only into ctx.build_dir,
+and optionally RESUMABLE = True: it checkpoints into ctx.checkpoint_dir, which outlives a failed or
+killed execution; the next execution with the same config hash resumes there, in the same MLflow run.
 """
 from __future__ import annotations
 
@@ -51,6 +53,9 @@ class StageContext:
     inputs: dict[str, Upstream]
     run: StageRun
     cache_dir: Path
+    checkpoint_dir: Optional[Path] = None  # resumable stages: survives a kill, removed after success
+    resumed: bool = False  # the MLflow run and checkpoints come from an earlier, interrupted execution
+    rank: int = 0  # a distributed job's other ranks run the stage with a scratch build_dir and no tracking
 
 
 @dataclass
@@ -58,6 +63,7 @@ class StageResult:
     counts: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, Any] = field(default_factory=dict)  # stage-specific index of what it wrote
+    step: int = 0  # the MLflow step of ``metrics`` (a training stage's last step)
 
 
 def stage_dir(outputs_dir: Path, experiment: str, stage: str) -> Path:
@@ -148,17 +154,71 @@ def building(final_dir: Path) -> Iterator[Path]:
         shutil.rmtree(old)
 
 
-def write_manifest(directory: Path, manifest: dict) -> Path:
-    path = Path(directory) / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
+def write_json(path: Path, data: dict) -> Path:
+    """Write aside, then rename: a reader sees the old file or the whole new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def write_manifest(directory: Path, manifest: dict) -> Path:
+    return write_json(Path(directory) / MANIFEST, manifest)
 
 
 def tracking_settings(cfg: DictConfig) -> TrackingSettings:
     return TrackingSettings(uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
                             artifact_location=cfg.tracking.artifact_location)
+
+
+RESUME_STATE = "run.json"
+
+
+def checkpoint_dir_for(final_dir: Path) -> Path:
+    return Path(final_dir).with_name(f"{Path(final_dir).name}.ckpt")
+
+
+def resumable_run(ckpt_dir: Path, chash: str) -> Optional[str]:
+    """The MLflow run id to resume in ``ckpt_dir``, or None; a leftover from another config is removed."""
+    state_path = ckpt_dir / RESUME_STATE
+    if not state_path.is_file():
+        return None
+    state = json.loads(state_path.read_text())
+    if state.get("config_hash") == chash:
+        return state["mlflow_run_id"]
+    print(f"{_shown(ckpt_dir)} holds checkpoints of another config ({state.get('config_hash')}); starting afresh")
+    shutil.rmtree(ckpt_dir)
+    return None
+
+
+def distributed_rank() -> int:
+    """This process's global rank when Lightning or torchrun launched it as one of several, else 0."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    local, node = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("NODE_RANK", 0))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+    return node * per_node + local
+
+
+class NullRun:
+    """The tracking of a non-zero rank: rank 0 logs for the whole job."""
+
+    run_id = None
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def execute_worker_rank(module: ModuleType, cfg: DictConfig, final_dir: Path, rank: int) -> None:
+    """Run a stage as rank ``rank`` of a distributed job: same inputs and checkpoints, no outputs of its own."""
+    import tempfile
+
+    outputs_dir = Path(cfg.paths.outputs_dir)
+    inputs = {name: read_upstream(outputs_dir, cfg.name, name) for name in module.upstream(cfg)}
+    with tempfile.TemporaryDirectory(prefix=f"rank{rank}-") as scratch:
+        ctx = StageContext(build_dir=Path(scratch), inputs=inputs, run=NullRun(), cache_dir=Path(cfg.paths.cache_dir),
+                           checkpoint_dir=checkpoint_dir_for(final_dir), rank=rank)
+        module.run(cfg, ctx)
 
 
 def execute_stage(stage: str, module: ModuleType, cfg: DictConfig, out_dir: Optional[Path] = None,
@@ -168,6 +228,10 @@ def execute_stage(stage: str, module: ModuleType, cfg: DictConfig, out_dir: Opti
     started = time.time()
     outputs_dir = Path(cfg.paths.outputs_dir)
     final_dir = Path(out_dir) if out_dir else stage_dir(outputs_dir, cfg.name, stage)
+    rank = distributed_rank()
+    if rank:
+        execute_worker_rank(module, cfg, final_dir, rank)
+        return {}
     sections = {key: OmegaConf.to_container(cfg[key], resolve=True, enum_to_str=True)
                 if OmegaConf.is_config(cfg[key]) else cfg[key] for key in module.SECTIONS}
     inputs = {name: read_upstream(outputs_dir, cfg.name, name) for name in module.upstream(cfg)}
@@ -175,39 +239,59 @@ def execute_stage(stage: str, module: ModuleType, cfg: DictConfig, out_dir: Opti
     commit = git_commit()
     tags = {"stage": stage, "config_hash": chash, "git_commit": commit, "mlflow.source.git.commit": commit,
             **{f"upstream.{n}.run_id": u.run_id or "" for n, u in inputs.items()}, **(extra_tags or {})}
+    resumable = getattr(module, "RESUMABLE", False)
+    ckpt_dir = checkpoint_dir_for(final_dir) if resumable else None
     # Signals wait while the output is swapped in and the run is closed, so the published
     # manifest and the run's status always agree; a pending SIGTERM is acted on right after.
     deferred = False
     try:
-        with stage_lock(final_dir, stage), \
-                stage_run(tracking_settings(cfg), run_name=run_name or stage, tags=tags,
-                          params=flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)),
-                          parent_run_id=parent_run_id) as run:
-            run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-            with building(final_dir) as build_dir:
-                ctx = StageContext(build_dir=build_dir, inputs=inputs, run=run, cache_dir=Path(cfg.paths.cache_dir))
-                result = module.run(cfg, ctx)
-                run.log_metrics(result.metrics)
-                manifest = {
-                    "stage": stage,
-                    "experiment": cfg.name,
-                    "config_hash": chash,
-                    "config": sections,
-                    "inputs": {n: {"dir": str(u.dir), "manifest_sha256": u.hash, "mlflow_run_id": u.run_id}
-                               for n, u in inputs.items()},
-                    "counts": result.counts,
-                    "metrics": result.metrics,
-                    "outputs": result.outputs,
-                    "mlflow_run_id": run.run_id,
-                    "git_commit": commit,
-                    "wall_time_s": round(time.time() - started, 3),
-                    "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                }
-                run.log_dict(manifest, MANIFEST)
-                write_manifest(build_dir, manifest)
-                signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING)
-                deferred = True
+        with stage_lock(final_dir, stage):
+            resume_id = resumable_run(ckpt_dir, chash) if resumable else None
+            with stage_run(tracking_settings(cfg), run_name=run_name or stage, tags=tags,
+                           params=flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)),
+                           parent_run_id=parent_run_id, resume_run_id=resume_id) as run:
+                if resumable:
+                    ckpt_dir.mkdir(parents=True, exist_ok=True)
+                    write_json(ckpt_dir / RESUME_STATE, {"mlflow_run_id": run.run_id, "config_hash": chash})
+                if resume_id:
+                    print(f"{stage}: resuming MLflow run {resume_id} from {_shown(ckpt_dir)}", flush=True)
+                else:
+                    run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+                deferred = True  # _build blocks signals once the manifest is written
+                _build(stage, module, cfg, final_dir, inputs, run, ckpt_dir, resume_id is not None, chash, commit,
+                       started, sections)
+            if resumable:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
     finally:
         if deferred:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, TERMINATING)
-    return manifest
+    return json.loads((final_dir / MANIFEST).read_text())
+
+
+def _build(stage: str, module: ModuleType, cfg: DictConfig, final_dir: Path, inputs: dict[str, Upstream],
+           run: StageRun, ckpt_dir: Optional[Path], resumed: bool, chash: str, commit: str, started: float,
+           sections: dict) -> None:
+    """Run the stage into a build directory, write its manifest last, then block signals for the swap."""
+    with building(final_dir) as build_dir:
+        ctx = StageContext(build_dir=build_dir, inputs=inputs, run=run, cache_dir=Path(cfg.paths.cache_dir),
+                           checkpoint_dir=ckpt_dir, resumed=resumed)
+        result = module.run(cfg, ctx)
+        run.log_metrics(result.metrics, step=result.step)
+        manifest = {
+            "stage": stage,
+            "experiment": cfg.name,
+            "config_hash": chash,
+            "config": sections,
+            "inputs": {n: {"dir": str(u.dir), "manifest_sha256": u.hash, "mlflow_run_id": u.run_id}
+                       for n, u in inputs.items()},
+            "counts": result.counts,
+            "metrics": result.metrics,
+            "outputs": result.outputs,
+            "mlflow_run_id": run.run_id,
+            "git_commit": commit,
+            "wall_time_s": round(time.time() - started, 3),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        run.log_dict(manifest, MANIFEST)
+        write_manifest(build_dir, manifest)
+        signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING)

@@ -4,12 +4,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import sys
 from pathlib import Path
 
 from pipeline import PROJECT_ROOT
+from pipeline.errors import PipelineError
 
 BENCHMARKS = {"tokenize_encode": "pipeline.bench.tokenize_encode", "dedup_near": "pipeline.bench.dedup_near",
-              "dedup_memory": "pipeline.bench.dedup_memory"}
+              "dedup_memory": "pipeline.bench.dedup_memory", "pretrain_step": "pipeline.bench.pretrain_step",
+              "pretrain_budget": "pipeline.bench.pretrain_budget"}
 
 
 def main() -> int:
@@ -21,9 +24,14 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "outputs" / "bench")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, failed = [], []
     for name in args.names or BENCHMARKS:
-        result = importlib.import_module(BENCHMARKS[name]).run(quick=args.quick, overrides=args.override)
+        try:
+            result = importlib.import_module(BENCHMARKS[name]).run(quick=args.quick, overrides=args.override)
+        except PipelineError as e:  # a missing input: say which and how to make it, then run the others
+            print(f"error: {name}: {e}", file=sys.stderr)
+            failed.append(name)
+            continue
         (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         rows.append(result)
     print(f"\n{'benchmark':<18} {'baseline':>24} {'candidate':>24} {'ratio':>7} {'goal':>6}")
@@ -35,7 +43,7 @@ def main() -> int:
         if r.get("note"):
             print(f"{'':<18} {r['note']}")
     print(f"\nwritten to {args.out}/")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ STAGES = {
     "filter": ("pipeline.stages.filter", "extract, language-filter, quality-filter and redact crawled pages"),
     "dedup": ("pipeline.stages.dedup", "remove URL, exact and near-duplicate documents and boilerplate lines"),
     "tokenize": ("pipeline.stages.tokenize", "train a tokenizer and encode the corpus into train/val token shards"),
+    "pretrain": ("pipeline.stages.pretrain", "train a GPT-style decoder on the token shards (resumable)"),
+    "cpt": ("pipeline.stages.cpt", "continue pretraining on a domain corpus; report adaptation and forgetting"),
 }
 
 TOOLS = {

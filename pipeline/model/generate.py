@@ -1,0 +1,288 @@
+"""Decoding with the KV cache: greedy, sampling (temperature, top-k, top-p) and beam search.
+
+The prompt is run once (prefill), then each step feeds only the newest token and reuses the cached keys
+and values. The model has a fixed context: once prompt + generated tokens no longer fit, decoding keeps the
+last ``context`` tokens, drops the cache and re-runs that window. The cache cannot simply be trimmed,
+because its keys carry their positions (learned position embeddings or RoPE) and would all have to shift
+by one. So past the context every step costs a full window, like decoding without a cache, and the
+logits are exactly those the model gives for the last ``context`` tokens.
+
+    python -m pipeline.model.generate outputs/demo/pretrain --prompt "ROMEO:" --strategy sample --top-p 0.9
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import BadInput, MissingUpstream, PipelineError
+from pipeline.model.gpt import GPT, MODEL_FILE, KVCache, load_model
+
+STRATEGIES = ("greedy", "sample", "beam")
+
+
+@dataclass
+class DecodeSpec:
+    strategy: str = "greedy"  # greedy | sample | beam
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # sample: logits are divided by it (higher: flatter)
+    top_k: int = 0  # sample: keep the k most likely tokens; 0 = off
+    top_p: float = 1.0  # sample: keep the smallest set whose probability reaches top_p; 1.0 = off
+    num_beams: int = 4  # beam
+    length_penalty: float = 1.0  # beam: a hypothesis scores logprob / length ** length_penalty
+    seed: int = 0  # sample: the same seed gives the same text
+
+    def __post_init__(self):
+        problems = []
+        if self.strategy not in STRATEGIES:
+            problems.append(f"strategy={self.strategy!r}: expected one of {STRATEGIES}")
+        if self.max_new_tokens < 0:
+            problems.append(f"max_new_tokens={self.max_new_tokens}: must be >= 0")
+        if self.temperature <= 0:
+            problems.append(f"temperature={self.temperature}: must be > 0 (strategy=greedy takes the argmax)")
+        if self.top_k < 0:
+            problems.append(f"top_k={self.top_k}: must be >= 0 (0 turns it off)")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p={self.top_p}: must be in (0, 1] (1 turns it off)")
+        if self.num_beams < 1:
+            problems.append(f"num_beams={self.num_beams}: must be >= 1")
+        if problems:
+            raise BadInput("decoding: " + "; ".join(problems))
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """``logits`` (..., vocab) with all but the ``k`` largest of each row set to -inf; k=0 keeps all."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """``logits`` (..., vocab) keeping the nucleus: the most likely tokens until their probability reaches ``p``.
+
+    A token stays if the tokens more likely than it sum to less than ``p``, so the most likely one always stays.
+    """
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # probability of the strictly more likely tokens
+    drop_sorted = before >= p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def _next_logits(model: GPT, seqs: torch.Tensor, cache: Optional[KVCache]) -> tuple[torch.Tensor, KVCache]:
+    """Float logits (batch, vocab) for the token after each row of ``seqs`` (batch, time).
+
+    ``cache`` holds every token of ``seqs`` but the last, or is None before the first step.
+    """
+    window = model.cfg.context
+    if cache is not None and seqs.shape[1] <= window:
+        logits, cache = model(seqs[:, -1:], past=cache, use_cache=True)
+    else:  # the prefill, or past the context: re-run the last `window` tokens (see the module docstring)
+        logits, cache = model(seqs[:, -window:], use_cache=True)
+    return logits[:, -1].float(), cache
+
+
+def _as_prompt(prompt_ids: Union[Sequence[int], torch.Tensor], device: torch.device) -> torch.Tensor:
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).flatten()
+    if ids.numel() == 0:
+        raise BadInput("the prompt is empty: decoding needs at least one token to condition on")
+    return ids[None]
+
+
+def _greedy_or_sample(model: GPT, prompt: torch.Tensor, spec: DecodeSpec, eos_id: Optional[int]) -> list[int]:
+    generator = None
+    if spec.strategy == "sample":
+        generator = torch.Generator(device=prompt.device).manual_seed(spec.seed)
+    seqs, cache, new = prompt, None, []
+    for _ in range(spec.max_new_tokens):
+        logits, cache = _next_logits(model, seqs, cache)
+        if generator is None:
+            token = logits.argmax(dim=-1)
+        else:
+            logits = top_p_filter(top_k_filter(logits / spec.temperature, spec.top_k), spec.top_p)
+            token = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+        new.append(int(token))
+        if new[-1] == eos_id:
+            break
+        seqs = torch.cat([seqs, token[:, None]], dim=1)
+    return new
+
+
+def _beam_search(model: GPT, prompt: torch.Tensor, spec: DecodeSpec, eos_id: Optional[int]) -> list[int]:
+    """Best hypothesis by logprob / length ** length_penalty (length counts generated tokens, eos included).
+
+    Search stops once ``num_beams`` hypotheses have finished at eos and no live beam scores above the
+    worst of them at its current length (exact for length_penalty <= 0, where scores only fall as
+    hypotheses grow; a heuristic above 0, as in transformers' default).
+    """
+    width = spec.num_beams
+
+    def score(logprob: float, length: int) -> float:
+        return logprob / length ** spec.length_penalty
+
+    seqs, cache = prompt, None
+    beam_logprobs = torch.zeros(1, device=prompt.device)  # one beam until the first step fans out
+    finished: list[tuple[float, list[int]]] = []  # (score, generated tokens), best first, at most `width`
+    n_prompt = prompt.shape[1]
+    for step in range(1, spec.max_new_tokens + 1):
+        logits, cache = _next_logits(model, seqs, cache)
+        candidates = (beam_logprobs[:, None] + F.log_softmax(logits, dim=-1)).flatten()
+        # 2 * width candidates leave `width` live ones even if up to `width` of them end at eos.
+        top_logprobs, top = candidates.topk(min(2 * width, candidates.numel()))
+        vocab = logits.shape[-1]
+        keep_beams, keep_tokens, keep_logprobs = [], [], []
+        for logprob, flat in zip(top_logprobs.tolist(), top.tolist()):
+            beam, token = divmod(flat, vocab)
+            if token == eos_id:
+                generated = seqs[beam, n_prompt:].tolist() + [token]
+                finished.append((score(logprob, step), generated))
+            else:
+                keep_beams.append(beam)
+                keep_tokens.append(token)
+                keep_logprobs.append(logprob)
+            if len(keep_beams) == width:
+                break
+        assert keep_beams, f"no live beam among {top.numel()} candidates (vocab {vocab}, {width} beams)"
+        finished = sorted(finished, key=lambda f: f[0], reverse=True)[:width]
+        index = torch.tensor(keep_beams, device=prompt.device)
+        seqs = torch.cat([seqs[index], torch.tensor(keep_tokens, device=prompt.device)[:, None]], dim=1)
+        cache = [(k[index], v[index]) for k, v in cache]
+        beam_logprobs = torch.tensor(keep_logprobs, device=prompt.device)
+        if len(finished) == width and score(keep_logprobs[0], step) <= finished[-1][0]:
+            break
+    # Hypotheses still live at the end compete with the finished ones on the same score.
+    length = seqs.shape[1] - n_prompt
+    live = [(score(lp, length), seqs[b, n_prompt:].tolist()) for b, lp in enumerate(beam_logprobs.tolist())]
+    return max(finished + live, key=lambda f: f[0])[1]
+
+
+@torch.no_grad()
+def generate(model: GPT, prompt_ids: Union[Sequence[int], torch.Tensor], spec: DecodeSpec,
+             eos_id: Optional[int] = None) -> list[int]:
+    """The new tokens after ``prompt_ids`` (eos included when generation stopped at it).
+
+    Dropout is whatever mode the model is in: call ``model.eval()`` first.
+    """
+    prompt = _as_prompt(prompt_ids, next(model.parameters()).device)
+    if spec.max_new_tokens == 0:
+        return []
+    if spec.strategy == "beam":
+        return _beam_search(model, prompt, spec, eos_id)
+    return _greedy_or_sample(model, prompt, spec, eos_id)
+
+
+def generate_text(model: GPT, tokenizer, prompt: str, spec: DecodeSpec, eos_id: Optional[int] = None) -> str:
+    """The continuation of ``prompt`` as text (a ``tokenizers.Tokenizer``; a final eos is not shown).
+
+    An empty prompt starts from ``eos_id``: the token shards put eos between documents, so it reads as
+    "a new document begins".
+    """
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    if not ids and eos_id is not None:
+        ids = [eos_id]
+    new = generate(model, ids, spec, eos_id=eos_id)
+    if new and new[-1] == eos_id:
+        new = new[:-1]
+    return tokenizer.decode(new, skip_special_tokens=False)
+
+
+def _find_tokenizer(model_path: Path, given: Optional[str]) -> Path:
+    if given is not None:
+        candidates = [Path(given)]
+    elif model_path.is_dir():
+        candidates = [model_path / "tokenizer.json"]
+    else:  # a checkpoint sits in the stage directory or in a checkpoints/ folder below it
+        candidates = [model_path.parent / "tokenizer.json", model_path.parent.parent / "tokenizer.json"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise MissingUpstream(f"{' or '.join(map(str, candidates))} is missing: pass --tokenizer <tokenizer.json>")
+
+
+def newest_weights(stage_dir: Path) -> Path:
+    """The stage directory, or the newest checkpoint of a run of it in progress or interrupted if that is newer."""
+    from pipeline.contract import checkpoint_dir_for
+    from pipeline.train.callbacks import latest_checkpoint
+
+    newest = latest_checkpoint(checkpoint_dir_for(stage_dir))
+    published = stage_dir / MODEL_FILE
+    if newest is not None and (not published.is_file() or newest.stat().st_mtime > published.stat().st_mtime):
+        print(f"using {newest} (a run in progress or interrupted)", file=sys.stderr)
+        return newest
+    return stage_dir
+
+
+def load_for_generation(path: Path, tokenizer_path: Optional[str] = None):
+    """(model, tokenizer) from a stage directory (model.pt, tokenizer.json) or a Lightning .ckpt."""
+    from tokenizers import Tokenizer
+
+    if path.suffix not in (".ckpt", ".pt"):
+        path = newest_weights(path)
+    # A path that names no file is taken as a stage directory, so the error names the model.pt it lacks.
+    model_file = path if path.suffix in (".ckpt", ".pt") else path / MODEL_FILE
+    if not model_file.is_file():
+        raise MissingUpstream(f"{model_file} is missing: run 'make pretrain' first")
+    tokenizer = Tokenizer.from_file(str(_find_tokenizer(path, tokenizer_path)))
+    model = load_model(model_file)
+    if tokenizer.get_vocab_size() > model.cfg.vocab_size:
+        raise BadInput(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but {model_file} only "
+                       f"{model.cfg.vocab_size}: pass the tokenizer it was trained with (--tokenizer)")
+    return model, tokenizer
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    defaults = DecodeSpec()
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.model.generate",
+        description="Continue a prompt with a trained model (KV-cached decoding) and print prompt + continuation.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("path", type=Path,
+                        help="a stage directory holding model.pt and tokenizer.json, or a Lightning .ckpt file")
+    parser.add_argument("--prompt", default="",
+                        help="text to continue; empty starts a new document (after the eos token)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer.json to use (default: beside the model, or in a .ckpt's parent directory)")
+    parser.add_argument("--strategy", choices=STRATEGIES, default=defaults.strategy,
+                        help="how the next token is chosen")
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
+                        help="stop after this many tokens (or at --eos-token)")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="sample only")
+    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="sample only; 0 = off")
+    parser.add_argument("--top-p", type=float, default=defaults.top_p, help="sample only; 1.0 = off")
+    parser.add_argument("--num-beams", type=int, default=defaults.num_beams, help="beam only")
+    parser.add_argument("--length-penalty", type=float, default=defaults.length_penalty,
+                        help="beam only: score = logprob / length ** length_penalty")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="sample only")
+    parser.add_argument("--eos-token", default="</s>",
+                        help="stop when the model produces this token ('' never stops early)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    args = parser.parse_args(argv)
+
+    try:
+        spec = DecodeSpec(strategy=args.strategy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
+                          length_penalty=args.length_penalty, seed=args.seed)
+        model, tokenizer = load_for_generation(args.path, args.tokenizer)
+        eos_id = tokenizer.token_to_id(args.eos_token) if args.eos_token else None
+        if args.eos_token and eos_id is None:
+            raise BadInput(f"--eos-token {args.eos_token!r} is not in the tokenizer; pass one it has, or ''")
+        model.to(args.device).eval()
+        text = generate_text(model, tokenizer, args.prompt, spec, eos_id=eos_id)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(args.prompt + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Callbacks of a training stage: checkpoints, a graceful stop on SIGTERM, a finite-loss guard, metrics, samples.
+
+Each acts at optimizer-step boundaries only (after the accumulated micro-batches of one step), so a
+checkpoint never holds half a step and a resumed run starts exactly where the saved one stopped.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import pytorch_lightning as pl
+import torch
+
+from pipeline.errors import PipelineError, StageKilled
+
+CKPT_PATTERN = re.compile(r"step-(\d+)\.ckpt$")
+
+
+class NonFiniteLoss(PipelineError):
+    pass
+
+
+def checkpoints(directory: Path) -> list[Path]:
+    """Checkpoints in ``directory``, oldest step first."""
+    found = [(int(m.group(1)), p) for p in Path(directory).glob("step-*.ckpt") if (m := CKPT_PATTERN.search(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(directory: Path) -> Optional[Path]:
+    found = checkpoints(directory) if Path(directory).is_dir() else []
+    return found[-1] if found else None
+
+
+def step_ended(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """True on the micro-batch that completed an optimizer step."""
+    return (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+
+
+class Checkpointer(pl.Callback):
+    """Every ``every_steps`` optimizer steps (and on request) write step-NNNNNN.ckpt aside, rename it into
+    place, and keep the newest ``keep``."""
+
+    def __init__(self, directory: Path, every_steps: int, keep: int):
+        self.directory, self.every_steps, self.keep = Path(directory), every_steps, max(keep, 1)
+        self.last: Optional[Path] = latest_checkpoint(self.directory)
+
+    def save(self, trainer: pl.Trainer) -> Path:
+        path = self.directory / f"step-{trainer.global_step:06d}.ckpt"
+        if self.last == path:
+            return path
+        tmp = path.with_name(path.name + ".tmp")
+        trainer.save_checkpoint(tmp)  # every rank takes part; rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(tmp, path)
+            for old in checkpoints(self.directory)[:-self.keep]:
+                old.unlink()
+        trainer.strategy.barrier()
+        self.last = path
+        return path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if step_ended(trainer, batch_idx) and self.every_steps and trainer.global_step % self.every_steps == 0:
+            self.save(trainer)
+
+
+class GracefulStop(pl.Callback):
+    """On SIGTERM/SIGINT finish the current optimizer step, checkpoint, then raise StageKilled.
+
+    A second signal raises at once. Install the handlers with ``handling_signals()`` around fit.
+    """
+
+    def __init__(self, checkpointer: Checkpointer):
+        self.checkpointer = checkpointer
+        self.received: list[str] = []
+
+    @contextmanager
+    def handling_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            name = signal.Signals(signum).name
+            if self.received:
+                raise StageKilled(name)
+            self.received.append(name)
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+        if self.received:  # arrived after the last step: training is complete, still honour the kill
+            raise StageKilled(self.received[0])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.received and step_ended(trainer, batch_idx):
+            path = self.checkpointer.save(trainer)
+            print(f"\n{self.received[0]} received: saved {path} at step {trainer.global_step}; "
+                  f"run the same command again to resume", flush=True)
+            raise StageKilled(self.received[0])
+
+
+class FiniteLossGuard(pl.Callback):
+    """Stop with a message naming the step and the last good checkpoint when the loss is NaN or infinite."""
+
+    def __init__(self, checkpointer: Checkpointer):
+        self.checkpointer = checkpointer
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not torch.isfinite(loss).all():
+            last = self.checkpointer.last
+            raise NonFiniteLoss(f"the training loss is {float(loss)} at step {trainer.global_step}; the last good "
+                                f"checkpoint is {last or 'none (no checkpoint written yet)'}. Lower the learning rate "
+                                f"or raise warmup_steps, then resume or start afresh")
+
+
+class TrainMetrics(pl.Callback):
+    """Train and validation metrics to ``emit(metrics, step)`` on rank 0.
+
+    tokens/s excludes validation time; MFU = achieved training FLOPs per second / ``peak_flops``.
+    """
+
+    def __init__(self, log: Callable[[dict, int], None], every_steps: int, tokens_per_step: int,
+                 flops_per_token: float, peak_flops: float, val_names: list[str],
+                 val_bytes_per_token: dict[str, float], prefix: str = "val"):
+        # not self.log: Lightning assigns its module's log() to every callback's `log` attribute
+        self.emit, self.every_steps, self.tokens_per_step = log, max(every_steps, 1), tokens_per_step
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.val_names, self.val_bytes_per_token, self.prefix = val_names, val_bytes_per_token, prefix
+        self.losses: list[float] = []
+        self.last_time: Optional[float] = None
+        self.last_step = 0
+        self.val_started: Optional[float] = None
+        self.results: dict[str, float] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.last_time, self.last_step = time.perf_counter(), trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss))
+        if not step_ended(trainer, batch_idx):
+            return
+        step = trainer.global_step
+        if step % self.every_steps and step != trainer.max_steps:
+            self.losses = []
+            return
+        loss = sum(self.losses) / len(self.losses)
+        if trainer.world_size > 1:  # the step's loss over the whole global batch, as one process would see it
+            loss = float(trainer.strategy.reduce(torch.tensor(loss, device=pl_module.device), reduce_op="mean"))
+        now = time.perf_counter()
+        tokens_per_s = (step - self.last_step) * self.tokens_per_step / max(now - self.last_time, 1e-9)
+        metrics = {
+            "train/loss": loss,
+            "train/lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "train/grad_norm": pl_module.grad_norm or 0.0,
+            "train/tokens": step * self.tokens_per_step,
+            "train/tokens_per_s": tokens_per_s,
+            "train/mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
+        }
+        self.losses, self.last_time, self.last_step = [], now, step
+        if trainer.is_global_zero:
+            self.emit(metrics, step)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.val_started = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self.last_time is not None and self.val_started is not None:
+            self.last_time += time.perf_counter() - self.val_started  # do not count evaluation as training time
+        if trainer.sanity_checking:
+            return
+        self.results = evaluation_metrics(pl_module.val_losses(), self.val_names, self.val_bytes_per_token,
+                                          self.prefix)
+        if trainer.is_global_zero and self.results:
+            self.emit(self.results, trainer.global_step)
+
+
+def evaluation_metrics(losses: dict[int, float], names: list[str], bytes_per_token: dict[str, float],
+                       prefix: str = "val") -> dict[str, float]:
+    """loss (nats/token), perplexity and bits per byte per validation set; the first set unnamed."""
+    out = {}
+    for i, loss in losses.items():
+        key = prefix if i == 0 else f"{prefix}_{names[i]}"
+        out[f"{key}/loss"] = loss
+        out[f"{key}/ppl"] = math.exp(min(loss, 50.0))
+        if names[i] in bytes_per_token:
+            out[f"{key}/bpb"] = loss / math.log(2) / bytes_per_token[names[i]]
+    return out
+
+
+class Samples(pl.Callback):
+    """Greedy continuations of fixed prompts every ``every_steps`` steps, as text artifacts."""
+
+    def __init__(self, write: Callable[[str, int], None], every_steps: int, prompts: list[str], tokenizer,
+                 max_new_tokens: int, eos_id: Optional[int]):
+        self.write, self.every_steps, self.prompts, self.tokenizer = write, every_steps, prompts, tokenizer
+        self.max_new_tokens, self.eos_id = max_new_tokens, eos_id
+
+    def text(self, model) -> str:
+        from pipeline.model.generate import DecodeSpec, generate_text
+
+        spec = DecodeSpec(strategy="greedy", max_new_tokens=self.max_new_tokens)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            parts = [f"### {p!r}\n{p}{generate_text(model, self.tokenizer, p, spec, eos_id=self.eos_id)}\n"
+                     for p in self.prompts]
+        model.train(was_training)
+        return "\n".join(parts)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_steps and self.prompts and step_ended(trainer, batch_idx) and step % self.every_steps == 0 \
+                and trainer.is_global_zero:
+            self.write(self.text(pl_module.model), step)

@@ -1,0 +1,164 @@
+"""One training run, shared by pretrain and cpt: build the Trainer, resume, fit, evaluate, publish the weights."""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytorch_lightning as pl
+import torch
+
+from pipeline.model.gpt import non_embedding_params, flops_per_token, save_model
+from pipeline.train.callbacks import (Checkpointer, FiniteLossGuard, GracefulStop, Samples, TrainMetrics,
+                                      evaluation_metrics, latest_checkpoint)
+from pipeline.train.data import TokenDataModule
+from pipeline.train.module import LanguageModel, OptimSpec
+
+# Dense peak FLOP/s per device for MFU, bf16 tensor cores where the device has them (vendor datasheets).
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
+
+
+@dataclass
+class TrainerSpec:
+    """Where and how Lightning runs (conf/trainer/): the presets differ only here."""
+
+    accelerator: str = "auto"  # cpu | gpu | auto
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | fsdp | ...
+    precision: str = "auto"  # auto: bf16-mixed on GPUs that support it, else 32-true
+    cpu_peak_flops_per_core: float = 1e11  # for MFU on CPU: 3 GHz * 32 fp32 FLOP/cycle (two AVX2 FMA units)
+    peak_flops: Optional[float] = None  # override the table (FLOP/s per device)
+    matmul_precision: str = "high"  # torch.set_float32_matmul_precision (TF32 on Ampere and newer)
+
+
+@dataclass
+class TrainSpec:
+    """The optimisation of one run; pretrain and cpt each have one (conf/pretrain.yaml, conf/cpt.yaml)."""
+
+    max_steps: int = 1000
+    micro_batch_size: int = 16  # sequences per forward pass on one device
+    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    eval_every_steps: int = 100
+    eval_windows: int = 200  # validation windows of `context` tokens per set (spread over the set)
+    log_every_steps: int = 10
+    ckpt_every_steps: int = 100
+    keep_checkpoints: int = 2
+    sample_every_steps: int = 0  # 0: only at the end
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_tokens: int = 48
+    compile: bool = False  # torch.compile the model
+
+
+def precision_for(spec: TrainerSpec) -> str:
+    if spec.precision != "auto":
+        return spec.precision
+    gpu = spec.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    return "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def peak_flops(spec: TrainerSpec) -> float:
+    """Peak FLOP/s of all devices of this run, from the table, the override or the CPU setting."""
+    if spec.peak_flops:
+        per_device = spec.peak_flops
+    elif spec.accelerator != "cpu" and torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        per_device = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+        if per_device is None:
+            raise ValueError(f"no peak FLOP/s known for '{name}': set trainer.peak_flops")
+    else:
+        return spec.cpu_peak_flops_per_core * torch.get_num_threads() * spec.num_nodes
+    return per_device * spec.devices * spec.num_nodes
+
+
+def make_trainer(spec: TrainerSpec, train: TrainSpec, callbacks: list[pl.Callback]) -> pl.Trainer:
+    torch.set_float32_matmul_precision(spec.matmul_precision)
+    return pl.Trainer(
+        accelerator=spec.accelerator, devices=spec.devices, num_nodes=spec.num_nodes, strategy=spec.strategy,
+        precision=precision_for(spec), max_steps=train.max_steps, accumulate_grad_batches=train.grad_accum,
+        gradient_clip_val=train.grad_clip or None,
+        val_check_interval=train.eval_every_steps * train.grad_accum, check_val_every_n_epoch=None,
+        num_sanity_val_steps=0, limit_val_batches=1.0, logger=False, enable_checkpointing=False,
+        use_distributed_sampler=False,  # the data module splits each step's batch between ranks itself
+        callbacks=callbacks, enable_model_summary=False, enable_progress_bar=True,
+    )
+
+
+@dataclass
+class TrainOutcome:
+    metrics: dict[str, float]  # final metrics, also logged
+    before: dict[str, float]  # validation before training (empty unless asked)
+    resumed_from: Optional[str]
+    checkpoint: Optional[Path]
+
+
+def fit(module: LanguageModel, data: TokenDataModule, val_names: list[str], val_bytes_per_token: dict[str, float],
+        trainer_spec: TrainerSpec, train: TrainSpec, checkpoint_dir: Path,
+        log: Callable[[dict, int], None], write_text: Callable[[str, str], None],
+        tokenizer=None, eos_id: Optional[int] = None, evaluate_first: bool = False) -> TrainOutcome:
+    """Train ``module`` to ``train.max_steps``, resuming from the newest checkpoint in ``checkpoint_dir``."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    n_params = non_embedding_params(module.model)
+    tokens_per_step = module.model.cfg.context * train.micro_batch_size * train.grad_accum * \
+        trainer_spec.devices * trainer_spec.num_nodes
+    checkpointer = Checkpointer(checkpoint_dir, train.ckpt_every_steps, train.keep_checkpoints)
+    stop = GracefulStop(checkpointer)
+    metrics = TrainMetrics(log, train.log_every_steps, tokens_per_step, flops_per_token(module.model.cfg, n_params),
+                           peak_flops(trainer_spec), val_names, val_bytes_per_token)
+    callbacks: list[pl.Callback] = [FiniteLossGuard(checkpointer), checkpointer, metrics, stop]
+    samples = None
+    if tokenizer is not None and train.sample_prompts:
+        samples = Samples(lambda text, step: write_text(text, f"samples/step-{step:06d}.txt"),
+                          train.sample_every_steps, list(train.sample_prompts), tokenizer, train.sample_tokens, eos_id)
+        callbacks.append(samples)
+    trainer = make_trainer(trainer_spec, train, callbacks)
+
+    resume = latest_checkpoint(checkpoint_dir)
+    before: dict[str, float] = {}
+    if evaluate_first and resume is None:
+        trainer.validate(module, datamodule=data, verbose=False)
+        before = evaluation_metrics(module.val_losses(), val_names, val_bytes_per_token, prefix="before")
+        if trainer.is_global_zero:
+            log(before, 0)
+    with stop.handling_signals():
+        trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    last = checkpointer.save(trainer)
+    if trainer.global_step < train.max_steps:
+        raise RuntimeError(f"training stopped at step {trainer.global_step} of {train.max_steps}")
+    trainer.validate(module, datamodule=data, verbose=False)
+    final = {**metrics.results,
+             "model/non_embedding_params": n_params,
+             "model/params": sum(p.numel() for p in module.model.parameters()),
+             "train/tokens": train.max_steps * tokens_per_step,
+             "train/flops": 6.0 * n_params * train.max_steps * tokens_per_step}
+    if trainer.is_global_zero:
+        log(final, trainer.global_step)
+        if samples is not None:
+            write_text(samples.text(module.model), f"samples/step-{trainer.global_step:06d}.txt")
+    return TrainOutcome(final, before, str(resume) if resume else None, last)
+
+
+def publish(module: LanguageModel, outcome: TrainOutcome, checkpoint_dir: Path, out_dir: Path,
+            tokenizer_json: Path) -> dict:
+    """Weights (model.pt), tokenizer.json and the kept checkpoints into the stage's output directory."""
+    save_model(module.model, out_dir / "model.pt")
+    shutil.copy2(tokenizer_json, out_dir / "tokenizer.json")
+    kept = out_dir / "checkpoints"
+    kept.mkdir()
+    for path in sorted(Path(checkpoint_dir).glob("step-*.ckpt")):
+        os.replace(path, kept / path.name)
+    return {"model": "model.pt", "tokenizer": "tokenizer.json",
+            "checkpoints": sorted(p.name for p in kept.iterdir()), "model_config": asdict(module.model.cfg)}

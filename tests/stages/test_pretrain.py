@@ -1,0 +1,203 @@
+"""pretrain and cpt end to end on real data with a tiny model: metrics, checkpoints, export, kill and resume."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+
+from pipeline import PROJECT_ROOT
+from pipeline.contract import execute_stage
+from pipeline.errors import PipelineError
+from pipeline.model.gpt import load_model
+from pipeline.stages import load_stage
+from tests.conftest import CONF_DIR, mlflow_runs, tiny_tokenize_overrides
+
+TINY_TRAIN = ["model=tiny", "pretrain.max_steps=30", "pretrain.micro_batch_size=8", "pretrain.eval_every_steps=10",
+              "pretrain.eval_windows=20", "pretrain.log_every_steps=5", "pretrain.ckpt_every_steps=10",
+              "pretrain.sample_every_steps=10", "pretrain.sample_tokens=8", "pretrain.optim.warmup_steps=5",
+              "cpt.max_steps=20", "cpt.micro_batch_size=8", "cpt.eval_every_steps=10", "cpt.eval_windows=20",
+              "cpt.log_every_steps=5", "cpt.ckpt_every_steps=10", "cpt.optim.warmup_steps=5",
+              "++cpt.sources.peps.max_documents=120"]
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory, tracking_uri, data_dir) -> Path:
+    """One tokenize output shared by this module's tests (each test writes later stages into a copy or its own name)."""
+    out = tmp_path_factory.mktemp("outputs")
+    execute_stage("tokenize", load_stage("tokenize"), _compose(out, tracking_uri, "tokenize-for-training", data_dir))
+    return out
+
+
+def _overrides(outputs: Path, tracking_uri: str, experiment: str, data_dir: Path, *extra: str) -> list[str]:
+    return [f"paths.outputs_dir={outputs}", f"tracking.uri={tracking_uri}", f"tracking.experiment={experiment}",
+            *tiny_tokenize_overrides(data_dir), "tokenizer.vocab_size=512", *TINY_TRAIN, *extra]
+
+
+def _compose(outputs, tracking_uri, experiment, data_dir, *extra):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=_overrides(outputs, tracking_uri, experiment, data_dir, *extra))
+
+
+def _history(tracking_uri, run_id, key) -> dict[int, float]:
+    return {m.step: m.value for m in MlflowClient(tracking_uri).get_metric_history(run_id, key)}
+
+
+def test_pretrain_trains_tracks_checkpoints_and_exports(outputs, tracking_uri, experiment, data_dir):
+    cfg = _compose(outputs, tracking_uri, experiment, data_dir)
+    manifest = execute_stage("pretrain", load_stage("pretrain"), cfg)
+    out = outputs / "demo" / "pretrain"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "hf", "manifest.json", "model.pt", "tokenizer.json"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000020.ckpt", "step-000030.ckpt"]
+    assert not (outputs / "demo" / "pretrain.ckpt").exists(), "the resume state goes once the stage has finished"
+
+    (run,) = mlflow_runs(tracking_uri, experiment)
+    assert run.info.status == "FINISHED" and run.info.run_id == manifest["mlflow_run_id"]
+    m = run.data.metrics
+    for key in ("train/loss", "train/lr", "train/grad_norm", "train/tokens", "train/tokens_per_s", "train/mfu",
+                "val/loss", "val/ppl", "val/bpb", "model/non_embedding_params", "train/flops"):
+        assert key in m and math.isfinite(m[key]), key
+    tok = json.loads((outputs / "demo" / "tokenize" / "manifest.json").read_text())
+    assert m["val/bpb"] == pytest.approx(m["val/loss"] / math.log(2) / tok["metrics"]["tokenize/val_bytes_per_token"])
+    assert m["train/tokens"] == 30 * 8 * 64 and m["train/flops"] == 6 * m["model/non_embedding_params"] * m["train/tokens"]
+    assert 0.05e6 < m["model/non_embedding_params"] < 0.15e6, "the tiny preset is about 0.1M parameters"
+    val = _history(tracking_uri, run.info.run_id, "val/loss")
+    assert sorted(val) == [10, 20, 30] and val[30] < val[10] < math.log(512), "validation loss falls during training"
+    lr = _history(tracking_uri, run.info.run_id, "train/lr")
+    assert lr[5] == pytest.approx(1e-3) and lr[30] == pytest.approx(1e-4), "warmup to the peak, cosine to 10%"
+    artifacts = {a.path for a in MlflowClient(tracking_uri).list_artifacts(run.info.run_id, "samples")}
+    assert {"samples/step-000010.txt", "samples/step-000030.txt"} <= artifacts
+
+    # The published weights, the last checkpoint and the transformers export are one model.
+    from transformers import AutoModelForCausalLM
+
+    model = load_model(out).eval()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 20))
+    ours = model(ids)[0]
+    assert torch.allclose(load_model(out / "checkpoints" / "step-000030.ckpt").eval()(ids)[0], ours)
+    hf = AutoModelForCausalLM.from_pretrained(out / "hf", local_files_only=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, ours, atol=1e-5)
+
+
+def test_cpt_reports_adaptation_and_forgetting(outputs, tracking_uri, experiment, data_dir):
+    cfg = _compose(outputs, tracking_uri, experiment, data_dir)
+    if not (outputs / "demo" / "pretrain" / "manifest.json").exists():
+        execute_stage("pretrain", load_stage("pretrain"), cfg)
+    manifest = execute_stage("cpt", load_stage("cpt"), cfg)
+    m = manifest["metrics"]
+    assert manifest["counts"]["domain"]["train"]["documents"] > 50 and manifest["counts"]["domain"]["val"]["tokens"]
+    assert m["cpt/adaptation_gain_bpb"] == pytest.approx(m["before/bpb"] - m["val/bpb"])
+    assert m["cpt/adaptation_gain_bpb"] > 0, "training on the domain lowers the domain's loss"
+    assert m["cpt/forgetting_bpb"] == pytest.approx(m["val_original/bpb"] - m["before_original/bpb"])
+    pre = json.loads((outputs / "demo" / "pretrain" / "manifest.json").read_text())
+    assert m["before_original/loss"] == pytest.approx(pre["metrics"]["val/loss"], rel=1e-4), \
+        "before training, cpt's model is the pretrained one"
+    run = MlflowClient(tracking_uri).get_run(manifest["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["upstream.pretrain.run_id"] == pre["mlflow_run_id"]
+    lr = _history(tracking_uri, run.info.run_id, "train/lr")
+    assert lr[5] == pytest.approx(5e-4), "the learning rate is re-warmed to cpt's own peak"
+
+    # Starting from the transformers export instead gives the same starting point.
+    cfg = _compose(outputs, tracking_uri, experiment, data_dir, "cpt.init.stage=null",
+                   f"cpt.init.path={outputs / 'demo' / 'pretrain' / 'hf'}", "cpt.max_steps=1", "cpt.export=false")
+    again = execute_stage("cpt", load_stage("cpt"), cfg)
+    assert again["metrics"]["before/loss"] == pytest.approx(m["before/loss"], rel=1e-5)
+
+
+def test_non_finite_loss_names_the_step_and_the_last_good_checkpoint(outputs, tracking_uri, experiment, data_dir):
+    cfg = _compose(outputs, tracking_uri, experiment, data_dir, "pretrain.optim.lr=1e30", "pretrain.grad_clip=0",
+                   "pretrain.optim.warmup_steps=0", "pretrain.ckpt_every_steps=1", "pretrain.sample_every_steps=0")
+    with pytest.raises(PipelineError, match=r"the training loss is nan at step \d+; the last good checkpoint is "):
+        execute_stage("pretrain", load_stage("pretrain"), cfg, out_dir=outputs / "nan" / "pretrain")
+    (run,) = mlflow_runs(tracking_uri, experiment)
+    assert run.info.status == "FAILED"
+
+
+def _cli(outputs, tracking_uri, experiment, data_dir, *extra) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "pretrain",
+                             *_overrides(outputs, tracking_uri, experiment, data_dir, *extra)],
+                            cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_gives_the_uninterrupted_losses(outputs, tracking_uri, data_dir, tmp_path):
+    steps = ["pretrain.max_steps=60", "pretrain.ckpt_every_steps=10", "pretrain.eval_every_steps=30",
+             "pretrain.log_every_steps=1", "pretrain.sample_every_steps=0", "pretrain.export=false"]
+    straight = f"straight-{uuid.uuid4().hex[:6]}"
+    (tmp_path / "straight" / "demo").mkdir(parents=True)  # both runs read the shared tokenize output
+    os.symlink(outputs / "demo" / "tokenize", tmp_path / "straight" / "demo" / "tokenize")
+    proc = _cli(outputs, tracking_uri, straight, data_dir, *steps, f"paths.outputs_dir={tmp_path / 'straight'}")
+    assert proc.wait(600) == 0, proc.stdout.read()[-3000:]
+
+    killed = f"killed-{uuid.uuid4().hex[:6]}"
+    (tmp_path / "killed" / "demo").mkdir(parents=True)
+    os.symlink(outputs / "demo" / "tokenize", tmp_path / "killed" / "demo" / "tokenize")
+    args = (outputs, tracking_uri, killed, data_dir, *steps, f"paths.outputs_dir={tmp_path / 'killed'}")
+    proc = _cli(*args)
+    ckpt_dir = tmp_path / "killed" / "demo" / "pretrain.ckpt"
+    deadline = time.time() + 300
+    while not (ckpt_dir / "step-000020.ckpt").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-20 checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    saved = sorted(p.name for p in ckpt_dir.glob("step-*.ckpt"))
+    stopped_at = int(saved[-1][5:11])
+    assert 20 <= stopped_at < 60, f"the kill should land mid-run, checkpoints: {saved}"
+    assert "run the same command again to resume" in out
+    (first,) = mlflow_runs(tracking_uri, killed)
+    assert first.info.status == "KILLED"
+    assert not (tmp_path / "killed" / "demo" / "pretrain" / "manifest.json").exists()
+
+    proc = _cli(*args)
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert f"resuming MLflow run {first.info.run_id}" in out
+    (run,) = mlflow_runs(tracking_uri, killed)
+    assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
+    (reference,) = mlflow_runs(tracking_uri, straight)
+    ours, theirs = (_history(tracking_uri, r.info.run_id, "train/loss") for r in (run, reference))
+    assert stopped_at < 40 and set(ours) >= set(range(1, 61))
+    for step in (stopped_at + 1, 40, 60):
+        assert ours[step] == pytest.approx(theirs[step], rel=1e-5, abs=1e-6), step
+    assert run.data.metrics["val/loss"] == pytest.approx(reference.data.metrics["val/loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_agrees_with_one_process(outputs, tracking_uri, data_dir, tmp_path):
+    common = ["pretrain.max_steps=2", "pretrain.log_every_steps=1", "pretrain.sample_every_steps=0",
+              "pretrain.export=false", "pretrain.optim.warmup_steps=0", "trainer.accelerator=cpu"]
+    results = {}
+    for name, extra in {"single": ["pretrain.micro_batch_size=8"],
+                        "ddp": ["trainer=ddp", "trainer.devices=2", "pretrain.micro_batch_size=4"]}.items():
+        root = tmp_path / name
+        (root / "demo").mkdir(parents=True)
+        os.symlink(outputs / "demo" / "tokenize", root / "demo" / "tokenize")
+        experiment = f"{name}-{uuid.uuid4().hex[:6]}"
+        proc = _cli(outputs, tracking_uri, experiment, data_dir, *common, *extra, f"paths.outputs_dir={root}")
+        out = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, out[-3000:]
+        (run,) = mlflow_runs(tracking_uri, experiment)
+        assert run.info.status == "FINISHED"
+        results[name] = (_history(tracking_uri, run.info.run_id, "train/loss"), load_model(root / "demo" / "pretrain"))
+    (loss1, model1), (loss2, model2) = results["single"], results["ddp"]
+    # Step 1's loss is over the same global batch; step 2's shows the all-reduced update was the same.
+    assert loss2[1] == pytest.approx(loss1[1], rel=1e-6)
+    assert loss2[2] == pytest.approx(loss1[2], rel=1e-5)
+    for (name, a), b in zip(model1.state_dict().items(), model2.state_dict().values()):
+        # Adam's first steps move each weight by about lr * sign(gradient): where a gradient is ~0, the
+        # order of the all-reduce's float sums may flip its sign, so compare most weights, not every one.
+        close = torch.isclose(a, b, atol=1e-6, rtol=1e-4).float().mean()
+        assert close > 0.99, f"{name}: only {close:.1%} of the weights agree after two steps"
