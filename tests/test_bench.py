@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
 import pytest
 
 from pipeline import PROJECT_ROOT
+from pipeline.contract import execute_stage
+from pipeline.stages import load_stage
 from tests.conftest import web_without_filter
 
 
@@ -36,3 +39,49 @@ def test_quick_dedup_bench_measures_both_sides(tmp_path):
     assert len(result["baseline"]["runs"]) == len(result["candidate"]["runs"]) == 2
     assert result["ratio"] == pytest.approx(result["candidate"]["docs_per_s"] / result["baseline"]["docs_per_s"], abs=0.01)
     assert "dedup_near" in proc.stdout
+
+
+def _bench(name: str, out, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.bench", name, "--quick", "--out", str(out),
+                           *(f"-o={o}" for o in overrides)], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_quick_pretrain_step_bench_trains_the_same_model_both_ways(tmp_path):
+    proc = _bench("pretrain_step", tmp_path, f"paths.outputs_dir={tmp_path / 'outputs'}")  # no shards: random ids
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "pretrain_step.json").read_text())
+    assert result["data"].startswith("random token ids") and result["model"]["n_layer"] == 2
+    b, c = result["baseline"], result["candidate"]
+    assert len(b["runs"]) == len(c["runs"]) == result["rounds"] == 2
+    assert result["ratio"] == pytest.approx(c["tokens_per_s"] / b["tokens_per_s"], abs=1e-3)
+    # same initial weights, windows, optimizer and clipping: Lightning and the plain loop take the same steps
+    assert c["final_loss"] == pytest.approx(b["final_loss"], rel=1e-4)
+    assert "pretrain_step" in proc.stdout and "tokens_per_s" in proc.stdout
+
+
+@pytest.fixture
+def tiny_tokenized(make_cfg, tmp_path):
+    execute_stage("tokenize", load_stage("tokenize"), make_cfg())
+    return tmp_path / "outputs"
+
+
+@pytest.mark.slow
+def test_quick_pretrain_budget_bench_reports_loss_and_bits_per_byte(tiny_tokenized, tmp_path):
+    proc = _bench("pretrain_budget", tmp_path / "bench", f"paths.outputs_dir={tiny_tokenized}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "bench" / "pretrain_budget.json").read_text())
+    tok = json.loads((tiny_tokenized / "demo" / "tokenize" / "manifest.json").read_text())
+    assert result["model"]["vocab_size"] == 512 and result["budget"]["tokens"] == 50 * 16 * 64
+    for side in (result["baseline"], result["candidate"]):
+        assert side["val_loss"] < math.log(512), "50 steps should beat a uniform guess"
+        assert side["val_bpb"] == pytest.approx(
+            side["val_loss"] / math.log(2) / tok["metrics"]["tokenize/val_bytes_per_token"], rel=1e-3)
+    assert result["ratio"] == pytest.approx(result["baseline"]["val_loss"] / result["candidate"]["val_loss"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_pretrain_budget_without_shards_says_to_run_make_tokenize(tmp_path):
+    proc = _bench("pretrain_budget", tmp_path, f"paths.outputs_dir={tmp_path / 'outputs'}")
+    assert proc.returncode == 1
+    assert "run 'make tokenize' first" in proc.stderr and "Traceback" not in proc.stderr

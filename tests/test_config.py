@@ -32,7 +32,7 @@ def test_every_experiment_preset_composes_and_its_sources_exist(preset, data_dir
     assert isinstance(resolved, RootConfig)
     assert resolved.tracking.uri.startswith(("sqlite:////", "http"))
     validate(cfg)
-    for name, node in cfg.tokenize.sources.items():
+    for name, node in [*cfg.tokenize.sources.items(), *cfg.cpt.sources.items()]:
         source = typed(node, SourceSpec, name)
         if source.path is not None:
             assert resolve_files(name, source.path), name
