@@ -121,17 +121,24 @@ def kill_handler(killed: list[str]):
 
 
 @contextmanager
-def _signals_raise(killed: list[str]) -> Iterator[None]:
+def signal_handler(handler) -> Iterator[None]:
+    """Handle SIGTERM and SIGINT with ``handler`` for the block, then restore the previous handlers.
+
+    Only the main thread may install handlers; elsewhere the block runs with whatever is installed.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    handler = kill_handler(killed)
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def _signals_raise(killed: list[str]):
+    return signal_handler(kill_handler(killed))
 
 
 @contextmanager

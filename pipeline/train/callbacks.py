@@ -9,7 +9,6 @@ import math
 import os
 import re
 import signal
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 
 from pipeline.errors import PipelineError, StageKilled
+from pipeline.tracking import signal_handler
 
 CKPT_PATTERN = re.compile(r"step-(\d+)\.ckpt$")
 
@@ -82,22 +82,14 @@ class GracefulStop(pl.Callback):
 
     @contextmanager
     def handling_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
         def handler(signum, frame):
             name = signal.Signals(signum).name
             if self.received:
                 raise StageKilled(name)
             self.received.append(name)
 
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
+        with signal_handler(handler):
             yield
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
         if self.received:  # arrived after the last step: training is complete, still honour the kill
             raise StageKilled(self.received[0])
 
