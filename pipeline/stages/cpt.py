@@ -20,7 +20,7 @@ from pipeline.data.sources import SourceSpec, load_documents
 from pipeline.errors import BadInput
 from pipeline.model.gpt import GPT, load_model
 from pipeline.stages.pretrain import vocab_bound
-from pipeline.tokenizer.encode import assign_splits, encode_documents, write_token_shards
+from pipeline.tokenizer.encode import assign_splits, encode_documents, write_token_shards, write_val_documents
 from pipeline.train.data import TokenDataModule, shard_arrays
 from pipeline.train.module import LanguageModel
 from pipeline.train.run import TrainerSpec, fit, publish
@@ -59,6 +59,7 @@ def encode_domain(cfg: DictConfig, ctx: StageContext, tokenizer: Tokenizer, eos_
                          val_fraction=cfg.cpt.val_fraction, seed=cfg.seed, num_proc=cfg.tokenize.num_proc)
     out = ctx.build_dir / "data"
     out.mkdir()
+    write_val_documents(docs, list(specs), out / "val.parquet")  # text, for the evaluate stage
     encoded = encode_documents(docs, tokenizer, eos_id, out / "encoded.arrow", num_proc=cfg.tokenize.num_proc,
                                batch_size=cfg.tokenize.batch_size)
     shards = write_token_shards(encoded, out, vocab_bound(tokenizer), cfg.tokenize.max_shard_tokens, len(specs))
@@ -112,6 +113,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
     metrics = {**outcome.metrics, **before, **adaptation(before, outcome.metrics)}
     outputs = publish(module, outcome, ctx.checkpoint_dir, ctx.build_dir, tokenizer_json)
     outputs["data"] = {"dir": "data", "shards": domain["index"]}
+    outputs["val_documents"] = "data/val.parquet"
     if spec.export:
         from pipeline.model.export import export_transformers
 

@@ -15,7 +15,7 @@ from pipeline.errors import BadInput
 from pipeline.tokenizer.build import TokenizerSpec, build_tokenizer
 from pipeline.tokenizer.plots import plot_corpus
 from pipeline.tokenizer.encode import (TRAIN, VAL, assign_splits, encode_documents, interleave, train_texts,
-                                       write_token_shards)
+                                       write_token_shards, write_val_documents)
 
 SECTIONS = ("seed", "tokenize", "tokenizer")
 
@@ -53,6 +53,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
         raise BadInput(f"the validation split is empty ({n_train} training documents, "
                        f"tokenize.val_fraction={t.val_fraction}); raise val_fraction or add documents")
 
+    write_val_documents(docs, list(sources), ctx.build_dir / "val.parquet")  # text, for the evaluate stage
     started = time.perf_counter()
     tokenizer = build_tokenizer(spec, train_texts(docs), length=n_train)
     tokenizer_s = time.perf_counter() - started
@@ -94,7 +95,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
     }
     outputs = {"tokenizer": "tokenizer.json", "vocab_size": tokenizer.get_vocab_size(), "eos_id": eos_id,
                "special_tokens": dataclasses.asdict(spec.special_tokens), "shards": shards["index"],
-               "plot": "corpus.png", "length_histogram": hist}
+               "plot": "corpus.png", "length_histogram": hist, "val_documents": "val.parquet"}
     return StageResult(counts={"documents_in": len(docs), **counts, "per_source": per_source},
                        metrics=metrics, outputs=outputs)
 

@@ -10,6 +10,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
@@ -56,6 +57,19 @@ def interleave(docs: datasets.Dataset, seed: int) -> datasets.Dataset:
     mix within shards, and the result does not depend on num_proc.
     """
     return docs.shuffle(seed=seed).flatten_indices()
+
+
+def write_val_documents(docs: datasets.Dataset, source_names: list[str], path: Path) -> int:
+    """Write the held-out documents' text and source name to Parquet (the evaluate stage scores them); return their count.
+
+    Kept as text because bits per byte compares models whose tokenizers differ.
+    """
+    assert docs._indices is None, "flatten_indices() first: the Arrow table must be in the dataset's order"
+    table = docs.data
+    picked = pa.array(np.flatnonzero(table.column("split").to_numpy() == VAL))
+    sources = np.asarray(source_names, dtype=object)[table.column("source").take(picked).to_numpy()]
+    pq.write_table(pa.table({"text": table.column("text").take(picked), "source": pa.array(sources, pa.string())}), path)
+    return len(picked)
 
 
 def train_texts(docs: datasets.Dataset, batch_size: int = 1000) -> Iterator[list[str]]:

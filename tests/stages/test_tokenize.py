@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 from tokenizers import Tokenizer
@@ -33,22 +34,29 @@ def test_shards_decode_back_to_every_document(make_cfg, tracking_uri, experiment
     out = Path(cfg.paths.outputs_dir) / "demo" / "tokenize"
     assert json.loads((out / MANIFEST).read_text()) == json.loads(json.dumps(manifest))
     assert sorted(p.name for p in out.iterdir() if not p.name.endswith((".bin", ".npy"))) == [
-        "corpus.png", MANIFEST, "tokenizer.json"]
+        "corpus.png", MANIFEST, "tokenizer.json", "val.parquet"]
     assert (out / "corpus.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     eos = manifest["outputs"]["eos_id"]
     assert tok.id_to_token(eos) == "</s>" and manifest["outputs"]["shards"]["dtype"] == "uint16"
 
-    decoded = []
+    decoded, val_decoded = [], []
     for split in ("train", "val"):
         for shard in open_shards(out, manifest["outputs"]["shards"], split):
             ends = shard.doc_offsets[1:] - 1
             assert np.all(shard.tokens[ends] == eos), "every document ends with EOS"
             assert np.count_nonzero(shard.tokens == eos) == len(ends), "EOS appears only between documents"
-            decoded += [tok.decode(shard.document(i)[:-1].tolist(), skip_special_tokens=False)
-                        for i in range(len(ends))]
+            docs = [tok.decode(shard.document(i)[:-1].tolist(), skip_special_tokens=False) for i in range(len(ends))]
+            decoded += docs
+            val_decoded += docs if split == "val" else []
     texts = _source_texts(cfg)
     assert Counter(decoded) == Counter(t for t in texts if t.strip()), "kept documents are exactly the non-empty input"
+
+    held_out = pq.read_table(out / manifest["outputs"]["val_documents"]).to_pylist()
+    assert Counter(r["text"] for r in held_out) == Counter(val_decoded), "val.parquet holds the validation documents"
+    assert Counter(r["source"] for r in held_out) == {n: s["val"]["documents"]
+                                                      for n, s in manifest["counts"]["per_source"].items()
+                                                      if s["val"]["documents"]}
 
     c = manifest["counts"]
     assert c["documents_in"] == len(texts) == c["train"]["documents"] + c["val"]["documents"] + c["empty"]["documents"]
