@@ -11,6 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -113,6 +114,71 @@ def test_cpt_reports_adaptation_and_forgetting(outputs, tracking_uri, experiment
                    f"cpt.init.path={outputs / 'demo' / 'pretrain' / 'hf'}", "cpt.max_steps=1", "cpt.export=false")
     again = execute_stage("cpt", load_stage("cpt"), cfg)
     assert again["metrics"]["before/loss"] == pytest.approx(m["before/loss"], rel=1e-5)
+
+
+def _transformers_nll(directory: Path, texts: list[str], context: int, stride: int) -> tuple[float, int]:
+    """Summed NLL and token count of ``texts`` under the exported model, with transformers' own model and
+    tokenizer: each document after its EOS, windows scoring ``stride`` new tokens from ``context`` inputs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    nll, tokens = 0.0, 0
+    for text in texts:
+        seq = torch.tensor([tokenizer.eos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]])
+        scored_to = 1
+        while scored_to < len(seq):
+            end = min(len(seq), context + 1 if scored_to == 1 else scored_to + stride)
+            begin = max(0, end - 1 - context)
+            labels = seq[begin + 1:end].clone()
+            labels[:scored_to - begin - 1] = -100
+            with torch.no_grad():
+                logits = model(input_ids=seq[None, begin:end - 1]).logits[0]
+            nll += torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
+            tokens += int((labels != -100).sum())
+            scored_to = end
+    return nll, tokens
+
+
+def test_evaluate_matches_transformers_and_breaks_down_by_source(outputs, tracking_uri, experiment, data_dir):
+    cfg = _compose(outputs, tracking_uri, experiment, data_dir)
+    if not (outputs / "demo" / "pretrain" / "manifest.json").exists():
+        execute_stage("pretrain", load_stage("pretrain"), cfg)
+    pre = json.loads((outputs / "demo" / "pretrain" / "manifest.json").read_text())
+    hf = outputs / "demo" / "pretrain" / "hf"
+    cfg = _compose(outputs, tracking_uri, experiment, data_dir, "~evaluate.models.cpt", "~evaluate.sets.domain",
+                   f"+evaluate.models.exported.path={hf}", "evaluate.sets.corpus.max_documents=40",
+                   f"+evaluate.sets.peps.path={data_dir}/domain/python_peps/peps.jsonl.gz",
+                   "+evaluate.sets.peps.max_documents=3", "evaluate.stride=24")
+    manifest = execute_stage("evaluate", load_stage("evaluate"), cfg)
+    m = manifest["metrics"]
+    rows = json.loads((outputs / "demo" / "evaluate" / "results.json").read_text())
+    total = {(r["model"], r["set"]): r for r in rows if r["source"] == "all"}
+    assert set(total) == {(model, s) for model in ("pretrain", "exported") for s in ("corpus", "peps")}
+
+    # The stage's perplexity equals transformers' on the exported model, tokenizer included.
+    texts = pq.read_table(outputs / "demo" / "tokenize" / "val.parquet").column("text").to_pylist()[:40]
+    nll, tokens = _transformers_nll(hf, [t for t in texts if t.strip()], context=64, stride=24)
+    assert total["pretrain", "corpus"]["tokens"] == tokens
+    assert m["eval/pretrain/corpus/ppl"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
+    assert m["eval/exported/corpus/ppl"] == pytest.approx(m["eval/pretrain/corpus/ppl"], rel=1e-4), \
+        "the transformers directory evaluates like the checkpoint it was exported from"
+
+    # Bits per byte: the summed loss over the documents' UTF-8 bytes; the sources add up to the set.
+    corpus = total["pretrain", "corpus"]
+    assert corpus["bytes"] == sum(len(t.encode()) for t in texts if t.strip())
+    assert corpus["bpb"] == pytest.approx(corpus["loss"] * corpus["tokens"] / math.log(2) / corpus["bytes"])
+    parts = [r for r in rows if r["model"] == "pretrain" and r["set"] == "corpus" and r["source"] != "all"]
+    assert {r["source"] for r in parts} == {"shakespeare", "web"}
+    assert sum(r["tokens"] for r in parts) == corpus["tokens"] and sum(r["bytes"] for r in parts) == corpus["bytes"]
+    assert m["eval/pretrain/corpus/shakespeare/bpb"] < m["eval/pretrain/peps/bpb"], \
+        "the model trained on shakespeare and web pages knows shakespeare better than Python PEPs"
+
+    run = MlflowClient(tracking_uri).get_run(manifest["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["evaluated.pretrain.run_id"] == pre["mlflow_run_id"]
+    assert run.data.tags["evaluated.exported.path"] == str(hf.resolve())
+    artifacts = {a.path for a in MlflowClient(tracking_uri).list_artifacts(run.info.run_id)}
+    assert {"results.md", "results.json"} <= artifacts
 
 
 def test_non_finite_loss_names_the_step_and_the_last_good_checkpoint(outputs, tracking_uri, experiment, data_dir):

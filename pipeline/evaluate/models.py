@@ -1,0 +1,84 @@
+"""Models to evaluate, behind one interface: a pipeline stage's model.pt or a transformers directory."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tokenizers import Tokenizer
+
+from pipeline.errors import BadInput
+from pipeline.evaluate.perplexity import LogitsFn
+
+
+@dataclass
+class ScoredModel:
+    """What scoring needs: logits, the tokenizer, the token every document follows, the context length."""
+
+    name: str
+    logits_fn: LogitsFn
+    tokenizer: Tokenizer
+    prefix_id: int
+    context: int
+    parameters: int
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def _token(tokenizer: Tokenizer, token: str, where: Path) -> int:
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise BadInput(f"{where}: the tokenizer has no token {token!r} (evaluate.prefix_token)")
+    return token_id
+
+
+def pipeline_model(name: str, directory: Path, prefix_token: str, device: str) -> ScoredModel:
+    """A training stage's output (model.pt + tokenizer.json); documents follow ``prefix_token`` as in training."""
+    from pipeline.model.gpt import load_model
+
+    model = load_model(directory).to(device).eval()
+    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    tokenizer.encode_special_tokens = True  # as in training: "</s>" inside a document is text
+    return ScoredModel(name, lambda ids: model(ids)[0], tokenizer, _token(tokenizer, prefix_token, directory),
+                       model.cfg.context, sum(p.numel() for p in model.parameters()))
+
+
+def transformers_model(name: str, directory: Path, prefix_token: Optional[str], device: str,
+                       context: Optional[int] = None) -> ScoredModel:
+    """A causal LM directory that ``AutoModelForCausalLM`` loads offline, with a fast tokenizer (tokenizer.json).
+
+    Documents follow ``prefix_token``, or the model's EOS token when that is None.
+    """
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise BadInput(f"{directory} is not a transformers model directory (no config.json)")
+    if not (directory / "tokenizer.json").is_file():
+        raise BadInput(f"{directory} has no tokenizer.json (a fast tokenizer is needed to score text)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True).to(device).eval()
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{directory}: transformers cannot load it as a causal LM: {str(e).splitlines()[0]}") from e
+    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    if prefix_token is not None:
+        prefix_id = _token(tokenizer, prefix_token, directory)
+    else:
+        prefix_id = model.config.eos_token_id
+        prefix_id = prefix_id[0] if isinstance(prefix_id, list) else prefix_id
+        if prefix_id is None:
+            raise BadInput(f"{directory}: config.json has no eos_token_id; set evaluate.prefix_token")
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    context = context or limit
+    if context is None:
+        raise BadInput(f"{directory}: config.json states no context length; set evaluate.context")
+    return ScoredModel(name, lambda ids: model(input_ids=ids).logits, tokenizer, prefix_id, int(context),
+                       sum(p.numel() for p in model.parameters()))
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

@@ -1,0 +1,88 @@
+"""evaluate: perplexity and bits per byte of every configured model on every held-out set, in one table.
+
+Models are training stages' outputs or transformers directories; sets are a stage's held-out
+documents (tokenize: the pretraining corpus, cpt: the domain corpus) or files read like
+tokenize.sources. Each model scores the text with its own tokenizer, so bits per byte compare.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from pipeline.config import EvalModel, EvaluateConfig, typed
+from pipeline.contract import StageContext, StageResult
+from pipeline.data.sources import SourceSpec, load_source
+from pipeline.errors import BadInput
+from pipeline.evaluate.models import pick_device, pipeline_model, transformers_model
+from pipeline.evaluate.report import ALL, HeldOut, evaluate_model, matrix, metrics_of, read_held_out, table
+
+SECTIONS = ("evaluate",)
+
+
+def _models(cfg: DictConfig) -> dict[str, EvalModel]:
+    models = {name: typed(node, EvalModel, f"evaluate.models.{name}") for name, node in cfg.evaluate.models.items()}
+    if not models:
+        raise BadInput("evaluate.models is empty: name a model, e.g. +evaluate.models.base.stage=pretrain")
+    for name, m in models.items():
+        if (m.stage is None) == (m.path is None):
+            raise BadInput(f"evaluate.models.{name}: set 'stage' or 'path', not {'both' if m.stage else 'neither'}")
+    return models
+
+
+def _sets(cfg: DictConfig) -> dict[str, SourceSpec]:
+    sets = {name: typed(node, SourceSpec, f"evaluate.sets.{name}") for name, node in cfg.evaluate.sets.items()}
+    if not sets:
+        raise BadInput("evaluate.sets is empty: name held-out documents, e.g. +evaluate.sets.corpus.stage=tokenize")
+    return sets
+
+
+def upstream(cfg: DictConfig) -> list[str]:
+    stages = {m.stage for m in _models(cfg).values()} | {s.stage for s in _sets(cfg).values()}
+    return sorted(stages - {None})
+
+
+def held_out(name: str, spec: SourceSpec, ctx: StageContext) -> HeldOut:
+    if spec.stage is None:
+        texts = [t for t in load_source(name, spec, cache_dir=str(ctx.cache_dir / "datasets"))["text"] if t and t.strip()]
+        return HeldOut(texts, [name] * len(texts))
+    up = ctx.inputs[spec.stage]
+    relative = up.manifest["outputs"].get("val_documents")
+    if relative is None:
+        raise BadInput(f"evaluate.sets.{name}: {up.dir} has no held-out documents; rebuild it with "
+                       f"'make -B {spec.stage}' (older outputs did not keep them)")
+    return read_held_out(up.dir / relative, spec.max_documents)
+
+
+def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
+    spec = typed(cfg.evaluate, EvaluateConfig, "evaluate")
+    device = pick_device(spec.device)
+    sets = {name: held_out(name, s, ctx) for name, s in _sets(cfg).items()}
+    for name, held in sets.items():
+        if not held.texts:
+            raise BadInput(f"evaluate.sets.{name} holds no non-empty documents")
+
+    rows, params = [], {}
+    for name, m in _models(cfg).items():
+        if m.stage:
+            model = pipeline_model(name, ctx.inputs[m.stage].dir, spec.prefix_token or cfg.tokenizer.special_tokens.eos,
+                                   device)
+            ctx.run.set_tags({f"evaluated.{name}.run_id": ctx.inputs[m.stage].run_id or ""})
+        else:
+            model = transformers_model(name, Path(m.path), spec.prefix_token, device, spec.context)
+            ctx.run.set_tags({f"evaluated.{name}.path": str(Path(m.path).resolve())})
+        params[name] = model.parameters
+        rows += evaluate_model(model, sets, spec.stride, spec.batch_size, device)
+        del model
+
+    (ctx.build_dir / "results.json").write_text(json.dumps([r.as_dict() for r in rows], indent=1))
+    report = f"## bits per byte\n\n{matrix(rows)}\n\n## all measures\n\n{table(rows)}\n"
+    (ctx.build_dir / "results.md").write_text(report)
+    ctx.run.log_artifact(ctx.build_dir / "results.md")
+    ctx.run.log_artifact(ctx.build_dir / "results.json")
+    print(f"\nevaluate: bits per byte (lower is better), each model with its own tokenizer\n\n{matrix(rows)}\n")
+    counts = {"documents": {n: len(h.texts) for n, h in sets.items()}, "parameters": params}
+    return StageResult(counts=counts, metrics=metrics_of(rows),
+                       outputs={"results": "results.json", "report": "results.md",
+                                "table": [r.as_dict() for r in rows if r.source == ALL]})
