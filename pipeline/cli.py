@@ -5,6 +5,7 @@ User mistakes print as one line; HYDRA_FULL_ERROR=1 shows the traceback.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -55,7 +56,8 @@ def _task(cfg) -> None:
         # Each job of a sweep writes beside its Hydra job directory, not over outputs/<exp>/<stage>.
         out_dir = Path(hc.runtime.output_dir) / stage
         run_name = f"{stage}-{hc.job.num}"
-        tags = {"overrides": hc.job.override_dirname, "sweep_job": str(hc.job.num)}
+        tags = {"overrides": hc.job.override_dirname, "sweep_job": str(hc.job.num),
+                "sweep_overrides": json.dumps(list(hc.overrides.task))}
     try:
         validate(cfg)
         execute_stage(stage, load_stage(stage), cfg, out_dir=out_dir,

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import atexit
+import json
 import os
+import sys
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
@@ -14,6 +17,13 @@ from pipeline.tracking import PARENT_RUN_ENV, TrackingSettings, client_for, expe
 def settings_from(cfg: DictConfig) -> TrackingSettings:
     return TrackingSettings(uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
                             artifact_location=cfg.tracking.artifact_location)
+
+
+def varying(overrides: list[list[str]]) -> list[str]:
+    """Each job's overrides that differ between jobs (the swept ones), as "key=value" joined by spaces."""
+    parsed = [dict(o.split("=", 1) if "=" in o else (o, "") for o in job) for job in overrides]
+    keys = [k for k in dict.fromkeys(k for job in parsed for k in job) if len({job.get(k) for job in parsed}) > 1]
+    return [" ".join(f"{k}={job[k]}" for k in keys if k in job) for job in parsed]
 
 
 def sweep_status(statuses: list[str]) -> str:
@@ -37,9 +47,13 @@ class SweepParentRun(Callback):
     def __init__(self) -> None:
         self.settings: Optional[TrackingSettings] = None
         self.run_id: Optional[str] = None
+        self.jobs: list[dict] = []
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.settings = settings_from(config)
+        self.sweep_dir = Path(config.hydra.sweep.dir)
+        self.stage = config.hydra.job.name
+        self.jobs = []
         client = client_for(self.settings)
         stage = config.hydra.job.name
         overrides = list(config.hydra.overrides.task)
@@ -53,6 +67,15 @@ class SweepParentRun(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self.finish()
 
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        # Hydra reports every job here, also one that failed before its MLflow run existed.
+        if self.run_id is None:  # a single run, not a sweep
+            return
+        error = job_return._return_value if job_return.status.name == "FAILED" else None
+        self.jobs.append({"job": int(config.hydra.job.num), "overrides": list(job_return.overrides or []),
+                          "status": job_return.status.name,
+                          "error": str(error).splitlines()[0][:500] if error is not None else None})
+
     def finish(self) -> None:
         if self.run_id is None:
             return
@@ -60,11 +83,46 @@ class SweepParentRun(Callback):
         os.environ.pop(PARENT_RUN_ENV, None)
         client = client_for(self.settings)
         parent = client.get_run(run_id)
-        children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
-        statuses = [c.info.status for c in children]
-        failed = sorted(c.info.run_name for c in children if c.info.status != "FINISHED")
-        client.log_metric(run_id, "sweep/jobs", len(children))
+        children = {c.data.tags.get("sweep_job", c.info.run_id): c for c in
+                    client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")}
+        # A killed job never reaches on_job_end: its run still shows it.
+        seen = {str(j["job"]) for j in self.jobs}
+        jobs = self.jobs + [{"job": key, "overrides": json.loads(c.data.tags.get("sweep_overrides", "[]")),
+                             "status": c.info.status, "error": None} for key, c in children.items() if key not in seen]
+        for job, label in zip(jobs, varying([j["overrides"] for j in jobs])):
+            child = children.get(str(job["job"]))
+            job.update(name=child.info.run_name if child else f"{self.stage}-{job['job']}", swept=label,
+                       run_id=child.info.run_id if child else None,
+                       run_status=child.info.status if child else "no run")
+        failed = [j for j in jobs if j["status"] not in ("COMPLETED", "FINISHED") or j["run_status"] != "FINISHED"]
+        status = sweep_status([j["run_status"] if j["status"] in ("COMPLETED", "FINISHED") else "FAILED"
+                               if j["run_status"] != "KILLED" else "KILLED" for j in jobs])
+        client.log_metric(run_id, "sweep/jobs", len(jobs))
         client.log_metric(run_id, "sweep/failed_jobs", len(failed))
+        lines = [f"{j['name']}" + (f" ({j['swept']})" if j["swept"] else "") + f": {j['error'] or j['run_status']}"
+                 for j in failed]
         if failed:
-            client.set_tag(run_id, "failed_jobs", ", ".join(failed))
-        client.set_terminated(run_id, status=sweep_status(statuses))
+            client.set_tag(run_id, "failed_jobs", "; ".join(lines)[:5000])
+        client.set_terminated(run_id, status=status)
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        (self.sweep_dir / "sweep.json").write_text(json.dumps({"parent_run_id": run_id, "status": status,
+                                                               "jobs": jobs}, indent=1))
+        print(f"sweep: {len(jobs) - len(failed)} of {len(jobs)} jobs finished (MLflow parent run {run_id}, "
+              f"{os.path.relpath(self.sweep_dir)})", file=sys.stderr)
+        for line in lines:
+            print(f"sweep: failed job {line}", file=sys.stderr)
+
+
+def find_sweep(client, experiment_id: str, stage: str, run_id: Optional[str] = None):
+    """A sweep's parent run: the given one, or the newest sweep of ``stage`` in the experiment (None if none)."""
+    if run_id:
+        return client.get_run(run_id)
+    runs = client.search_runs([experiment_id], f"tags.sweep = 'parent' AND tags.stage = '{stage}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def sweep_jobs(client, parent) -> list:
+    """The parent's child runs, in job order."""
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return sorted(children, key=lambda c: int(c.data.tags.get("sweep_job", 0)))

@@ -1,6 +1,8 @@
 """Stage runs against a real SQLite MLflow store: statuses, params, tags, resume, sweeps."""
 from __future__ import annotations
 
+import json
+
 import os
 import signal
 import subprocess
@@ -126,4 +128,12 @@ def test_a_failed_sweep_job_is_named_and_the_other_still_finishes(tracking_uri, 
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     status = {r.data.params["tokenizer.vocab_size"]: r.info.status for r in runs if r is not parent}
     assert status == {"200": "FAILED", "512": "FINISHED"}
-    assert parent.info.status == "FAILED" and parent.data.tags["failed_jobs"] == "tokenize-0"
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["failed_jobs"].startswith("tokenize-0 (tokenizer.vocab_size=200): ")
+    assert "sweep: 1 of 2 jobs finished" in proc.stderr
+    assert "sweep: failed job tokenize-0 (tokenizer.vocab_size=200): " in proc.stderr, "the failed job is named"
+    (summary,) = tmp_path.glob("demo/multirun/tokenize/*/sweep.json")
+    jobs = json.loads(summary.read_text())["jobs"]
+    assert sorted((j["swept"], j["status"], j["run_status"]) for j in jobs) == [
+        ("tokenizer.vocab_size=200", "FAILED", "FAILED"), ("tokenizer.vocab_size=512", "COMPLETED", "FINISHED")]
+    assert any("is below" in (j["error"] or "") for j in jobs), "the job's error is kept"
