@@ -33,7 +33,7 @@ ifneq ($(filter name=%,$(ARGS)),)
 $(error ARGS sets name=: choose the experiment with EXP=<preset> instead, so Make finds outputs/<EXP>/)
 endif
 
-.PHONY: help setup test all filter inspect-filter dedup dedup-eval tokenize pretrain cpt generate bench clean mlflow-ui FORCE
+.PHONY: help setup test all filter inspect-filter dedup dedup-eval tokenize pretrain cpt evaluate sweep scaling generate bench clean mlflow-ui FORCE
 
 help: ## Show the targets
 	@echo "usage: make <target> [EXP=$(EXP)] [ARGS='key=value ...']"
@@ -49,7 +49,7 @@ setup: ## Create .venv, install torch ($(TORCH)) first, then the project with it
 test: ## Run the whole test suite, slow tests included (what CI runs)
 	$(PY) -m pytest --runslow -q
 
-all: filter dedup tokenize pretrain cpt ## Run the demo pipeline (every stage that exists), skipping what is up to date
+all: filter dedup tokenize pretrain cpt evaluate ## Run the demo pipeline, skipping what is up to date (sweep and scaling are separate)
 
 filter: $(OUT)/filter/manifest.json ## Extract, language-filter, quality-filter and redact the crawl
 
@@ -99,6 +99,29 @@ $(eval $(call args_stamp,cpt))
 $(OUT)/cpt/manifest.json: $(OUT)/pretrain/manifest.json $(OUT)/.args/cpt $(TRAIN_DEPS) conf/cpt.yaml \
 		pipeline/stages/cpt.py pipeline/stages/pretrain.py
 	$(STAGE) cpt $(STAGE_ARGS)
+
+evaluate: $(OUT)/evaluate/manifest.json ## Perplexity and bits per byte of the pretrain and cpt models on the held-out sets
+
+$(eval $(call args_stamp,evaluate))
+$(OUT)/evaluate/manifest.json: $(OUT)/cpt/manifest.json $(OUT)/pretrain/manifest.json $(OUT)/.args/evaluate $(COMMON) \
+		conf/evaluate.yaml pipeline/stages/evaluate.py $(wildcard pipeline/evaluate/*.py)
+	$(STAGE) evaluate $(STAGE_ARGS)
+
+SWEEP ?= demo
+sweep: $(OUT)/.sweep/$(SWEEP) ## Pretrain sweep over model sizes and token budgets (conf/sweep/, SWEEP=demo): one MLflow parent run
+
+$(eval $(call args_stamp,sweep))
+$(OUT)/.sweep/$(SWEEP): $(OUT)/tokenize/manifest.json $(OUT)/.args/sweep $(TRAIN_DEPS) conf/pretrain.yaml \
+		conf/sweep/$(SWEEP).yaml pipeline/stages/pretrain.py
+	$(STAGE) pretrain -m +sweep=$(SWEEP) $(STAGE_ARGS)
+	@mkdir -p $(@D); touch $@
+
+scaling: $(OUT)/scaling/manifest.json ## Fit Kaplan and Chinchilla scaling laws to the latest sweep (after make sweep)
+
+$(eval $(call args_stamp,scaling))
+$(OUT)/scaling/manifest.json: $(OUT)/.sweep/$(SWEEP) $(OUT)/.args/scaling $(COMMON) conf/scaling.yaml \
+		pipeline/stages/scaling.py $(wildcard pipeline/scaling/*.py)
+	$(STAGE) scaling $(STAGE_ARGS)
 
 generate: ## Continue PROMPT="..." with the newest model of MODEL=pretrain|cpt (GEN_ARGS="--strategy sample ...")
 	$(PY) -m pipeline.model.generate $(OUT)/$(or $(MODEL),pretrain) --prompt "$(PROMPT)" $(GEN_ARGS)

@@ -4,7 +4,7 @@ The dataclasses that feed a library function live beside it (``SourceSpec``, ``T
 this module assembles them into the root schema and registers it with Hydra's ConfigStore.
 """
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Type, TypeVar
+from typing import Any, Dict, List, Optional, Type, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -94,6 +94,38 @@ class CptConfig(PretrainConfig):
 
 
 @dataclass
+class EvalModel:
+    stage: Optional[str] = None  # a training stage whose model.pt to evaluate ...
+    path: Optional[str] = None  # ... or a transformers causal-LM directory (with tokenizer.json)
+
+
+@dataclass
+class EvaluateConfig:
+    # name -> EvalModel, and name -> SourceSpec where `stage` means that stage's held-out documents
+    # (tokenize: the pretraining corpus, cpt: the domain corpus). Typed as Any like tokenize.sources.
+    models: Dict[str, Any] = field(default_factory=dict)
+    sets: Dict[str, Any] = field(default_factory=dict)
+    stride: Optional[int] = None  # tokens between window starts; None: half the model's context
+    batch_size: int = 16  # windows per forward pass
+    prefix_token: Optional[str] = None  # token before each document; None: tokenizer.special_tokens.eos
+    context: Optional[int] = None  # transformers models: window length; None: the model's maximum
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class ScalingConfig:
+    sweep_run_id: Optional[str] = None  # a sweep's MLflow parent run; None: the newest sweep of `stage`
+    stage: str = "pretrain"
+    csv: Optional[str] = None  # instead of a sweep: a CSV with columns N, D and/or C, loss
+    loss_metric: str = "val/loss"
+    laws: List[str] = field(default_factory=lambda: ["kaplan", "chinchilla"])
+    bootstrap_reps: int = 200
+    confidence: float = 0.95
+    budgets: List[float] = field(default_factory=list)  # FLOPs; empty: 10x and 100x the largest run
+    huber_delta: float = 1e-3
+
+
+@dataclass
 class RootConfig:
     name: str = MISSING  # experiment name: outputs/<name>/, MLflow experiment <name>
     seed: int = 1337
@@ -107,6 +139,8 @@ class RootConfig:
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     cpt: CptConfig = field(default_factory=CptConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
 
 
 T = TypeVar("T")
@@ -146,13 +180,25 @@ def validate(cfg) -> None:
         typed(node, CrawlSource, f"filter.sources.{name}")
     for name, node in cfg.cpt.sources.items():
         typed(node, SourceSpec, f"cpt.sources.{name}")
+    for name, node in cfg.evaluate.models.items():
+        typed(node, EvalModel, f"evaluate.models.{name}")
+    for name, node in cfg.evaluate.sets.items():
+        typed(node, SourceSpec, f"evaluate.sets.{name}")
     m = cfg.model
     checks = [("model.block", m.block in BLOCKS, f"one of {', '.join(BLOCKS)}"),
               ("model.n_layer", m.n_layer >= 1, "at least 1"),
               ("model.n_head", m.n_head >= 1 and m.d_model % m.n_head == 0, "at least 1 and divide model.d_model"),
               ("model.context", m.context >= 2, "at least 2"),
               ("model.dropout", 0 <= m.dropout < 1, "in [0, 1)"),
-              ("cpt.val_fraction", 0 < cfg.cpt.val_fraction < 1, "in (0, 1)")]
+              ("cpt.val_fraction", 0 < cfg.cpt.val_fraction < 1, "in (0, 1)"),
+              ("evaluate.stride", cfg.evaluate.stride is None or cfg.evaluate.stride >= 1, "at least 1 or null"),
+              ("evaluate.batch_size", cfg.evaluate.batch_size >= 1, "at least 1"),
+              ("scaling.laws", bool(cfg.scaling.laws) and set(cfg.scaling.laws) <= {"kaplan", "chinchilla"},
+               "a non-empty list of kaplan, chinchilla"),
+              ("scaling.bootstrap_reps", cfg.scaling.bootstrap_reps >= 0, "at least 0"),
+              ("scaling.confidence", 0 < cfg.scaling.confidence < 1, "in (0, 1)"),
+              ("scaling.budgets", all(b > 0 for b in cfg.scaling.budgets), "positive FLOP counts"),
+              ("scaling.huber_delta", cfg.scaling.huber_delta > 0, "positive")]
     for stage in ("pretrain", "cpt"):
         t = cfg[stage]
         checks += [(f"{stage}.max_steps", t.max_steps >= 1, "at least 1"),

@@ -27,7 +27,7 @@ class ModelConfig:
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 128
-    d_ff: int = 512  # feed-forward width (4 * d_model for the standard GPT shape)
+    d_ff: Optional[int] = 512  # feed-forward width; None: 4 * d_model (the standard GPT shape)
     context: int = 128  # longest sequence the model sees (learned positions exist up to here)
     vocab_size: Optional[int] = None  # None: taken from the tokenizer
     dropout: float = 0.0
@@ -37,6 +37,8 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
         assert self.block in BLOCKS, f"model.block={self.block!r}: expected one of {BLOCKS}"
         assert self.d_model % self.n_head == 0, f"d_model={self.d_model} is not divisible by n_head={self.n_head}"
         if self.block == "llama":

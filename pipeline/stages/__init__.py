@@ -8,6 +8,8 @@ STAGES = {
     "tokenize": ("pipeline.stages.tokenize", "train a tokenizer and encode the corpus into train/val token shards"),
     "pretrain": ("pipeline.stages.pretrain", "train a GPT-style decoder on the token shards (resumable)"),
     "cpt": ("pipeline.stages.cpt", "continue pretraining on a domain corpus; report adaptation and forgetting"),
+    "evaluate": ("pipeline.stages.evaluate", "perplexity and bits per byte of the trained models on held-out documents"),
+    "scaling": ("pipeline.stages.scaling", "fit Kaplan and Chinchilla scaling laws to a sweep's runs (after a sweep)"),
 }
 
 TOOLS = {
