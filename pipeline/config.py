@@ -100,11 +100,30 @@ class EvalModel:
 
 
 @dataclass
+class PromptTaskConfig:
+    """One prompting task of the evaluate stage (pipeline/evaluate/prompting.py)."""
+
+    reader: str = MISSING  # sst2 | piqa
+    path: str = MISSING  # the examples scored
+    labels_path: Optional[str] = None  # piqa: the labels file aligned with path
+    train_path: Optional[str] = None  # demonstrations for k-shot; None: other examples of path
+    template: str = MISSING  # the prompt, with the reader's fields as slots ({sentence}, {goal})
+    labels: List[str] = MISSING  # label names, index = label id
+    answers: Optional[Dict[str, int]] = None  # answer text -> label; None: each example's choices (piqa)
+    answer_template: str = " {answer}"
+    shots: List[int] = field(default_factory=lambda: [0])  # one evaluation per number of demonstrations
+    separator: str = "\n\n"
+    length_normalize: bool = False
+    limit: Optional[int] = None  # the first N examples
+
+
+@dataclass
 class EvaluateConfig:
     # name -> EvalModel, and name -> SourceSpec where `stage` means that stage's held-out documents
     # (tokenize: the pretraining corpus, cpt: the domain corpus). Typed as Any like tokenize.sources.
     models: Dict[str, Any] = field(default_factory=dict)
     sets: Dict[str, Any] = field(default_factory=dict)
+    tasks: Dict[str, Any] = field(default_factory=dict)  # name -> PromptTaskConfig (prompting evaluation)
     stride: Optional[int] = None  # tokens between window starts; None: half the model's context
     batch_size: int = 16  # windows per forward pass
     prefix_token: Optional[str] = None  # token before each document; None: tokenizer.special_tokens.eos
@@ -184,6 +203,8 @@ def validate(cfg) -> None:
         typed(node, EvalModel, f"evaluate.models.{name}")
     for name, node in cfg.evaluate.sets.items():
         typed(node, SourceSpec, f"evaluate.sets.{name}")
+    for name, node in cfg.evaluate.tasks.items():
+        typed(node, PromptTaskConfig, f"evaluate.tasks.{name}")
     m = cfg.model
     checks = [("model.block", m.block in BLOCKS, f"one of {', '.join(BLOCKS)}"),
               ("model.n_layer", m.n_layer >= 1, "at least 1"),

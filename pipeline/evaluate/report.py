@@ -101,3 +101,28 @@ def matrix(rows: list[Row], key: str = "bpb") -> str:
         cells = [f"{value[(m, s, src)]:.4f}" if (m, s, src) in value else "" for m in models]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def prompting_report(results: list) -> tuple[str, str, dict[str, float]]:
+    """(accuracy table: task and shots down, models across, baselines beside; confusion matrices; metrics)
+    from (model name, TaskResult) pairs."""
+    models = list(dict.fromkeys(m for m, _ in results))
+    places = list(dict.fromkeys((r.name, r.shots) for _, r in results))
+    by = {(m, r.name, r.shots): r for m, r in results}
+    lines = ["| task | shots | examples | " + " | ".join(models) + " | random | majority |",
+             "|---|---|---|" + "---|" * (len(models) + 2)]
+    metrics = {}
+    for task, shots in places:
+        first = next(r for (m, t, k), r in by.items() if (t, k) == (task, shots))
+        cells = [f"{by[(m, task, shots)].accuracy:.3f}" if (m, task, shots) in by else "" for m in models]
+        examples = f"{first.n}" + (f" ({first.skipped} too long, left out)" if first.skipped else "")
+        lines.append(f"| {task} | {shots} | {examples} | " + " | ".join(cells)
+                     + f" | {first.random_baseline:.3f} | {first.majority_baseline:.3f} |")
+        metrics[f"prompt/{task}/random_baseline"] = first.random_baseline
+        metrics[f"prompt/{task}/majority_baseline"] = first.majority_baseline
+    details = []
+    for m, r in results:
+        metrics[f"prompt/{m}/{r.name}/{r.shots}shot/accuracy"] = r.accuracy
+        details.append(f"### {m}, {r.name}, {r.shots}-shot: accuracy {r.accuracy:.3f}\n\n{r.confusion_table()}\n")
+    return "\n".join(lines), "\n".join(details), metrics
+

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from pipeline.config import ScalingConfig, typed
 from pipeline.contract import StageContext, StageResult
 from pipeline.errors import BadInput, MissingUpstream
-from pipeline.scaling.laws import (KAPLAN_PUBLISHED, Observation, bootstrap, budget_label, complete, fit_chinchilla_runs,
+from pipeline.scaling.laws import (KAPLAN_PUBLISHED, Observation, bootstrap, budget_label, fit_chinchilla_runs,
                                    heldout_check, kaplan_fits, read_csv)
 from pipeline.scaling.plots import plot_parity, plot_scaling
 from pipeline.tracking.sweep import find_sweep, sweep_jobs, varying
@@ -67,13 +67,14 @@ def write_observations(obs: list[Observation], path) -> None:
 def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
     spec = typed(cfg.scaling, ScalingConfig, "scaling")
     if spec.csv:
-        obs, read = [complete(o) for o in read_csv(spec.csv)], {"csv": spec.csv}
+        obs, read = read_csv(spec.csv), {"csv": spec.csv}
     else:
         obs, read = sweep_observations(spec, ctx, cfg.tracking.experiment)
         ctx.run.set_tags({"upstream.sweep.run_id": read["sweep_run_id"]})
     write_observations(obs, ctx.build_dir / "runs.csv")
+    tokens = [o.d for o in obs if o.d]
     print(f"scaling: {len(obs)} runs, N {min(o.n for o in obs):.3g} to {max(o.n for o in obs):.3g}"
-          + (f", D {min(o.d for o in obs if o.d):.3g} to {max(o.d for o in obs if o.d):.3g}" if any(o.d for o in obs) else ""))
+          + (f", D {min(tokens):.3g} to {max(tokens):.3g}" if tokens else ""))
 
     use_kaplan, use_chinchilla = "kaplan" in spec.laws, "chinchilla" in spec.laws
     kaplan, skipped = kaplan_fits(obs) if use_kaplan else ({}, {})
@@ -104,15 +105,35 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
 
     plots = [plot_scaling(obs, kaplan, chinchilla, ctx.build_dir / "scaling.png"),
              plot_parity(obs, chinchilla, ctx.build_dir / "parity.png")]
-    report = fit_report(obs, kaplan, skipped, chinchilla, budgets, boot, held, spec.confidence)
+    warnings = doubts(chinchilla, boot)
+    if warnings:
+        ctx.run.set_tags({"scaling.warning": "; ".join(warnings)})
+    report = fit_report(obs, kaplan, skipped, chinchilla, budgets, boot, held, spec.confidence, warnings)
     (ctx.build_dir / "fits.md").write_text(report)
     for path in [*plots, ctx.build_dir / "fits.md", ctx.build_dir / "runs.csv"]:
         ctx.run.log_artifact(path)
     print("\n" + report)
-    counts = {"observations": len(obs), **read, "kaplan_skipped": skipped, "bootstrap_failed": boot.failed if boot else {}}
+    counts = {"observations": len(obs), **read, "warnings": warnings, "kaplan_skipped": skipped,
+              "bootstrap_failed": boot.failed if boot else {}}
     return StageResult(counts=counts, metrics=metrics,
                        outputs={"plot": "scaling.png", "parity": "parity.png", "report": "fits.md", "runs": "runs.csv",
                                 "budgets": budgets, "heldout_run": held.name if held else None})
+
+
+def doubts(chinchilla, boot) -> list[str]:
+    """Signs that the Chinchilla law is not determined by these runs (the fit still returns numbers)."""
+    if chinchilla is None:
+        return []
+    out = [f"{k} = {getattr(chinchilla, k):.3g} is outside (0, 2], the range of the paper's starting grid"
+           for k in ("alpha", "beta") if not 0 < getattr(chinchilla, k) <= 2]
+    for k in ("alpha", "beta", "E"):
+        low, high = boot.intervals.get(f"chinchilla/{k}", (0, 0)) if boot else (0, 0)
+        if high - low > abs(getattr(chinchilla, k)):
+            out.append(f"the {boot.level:.0%} interval of {k} [{low:.3g}, {high:.3g}] is wider than its value")
+    if out:
+        out.append("so the runs do not determine the Chinchilla law: sweep more sizes and token budgets "
+                   "(at least 3 of each), or train longer")
+    return out
 
 
 def _interval(boot, key: str) -> str:
@@ -122,7 +143,7 @@ def _interval(boot, key: str) -> str:
     return f"[{low:.4g}, {high:.4g}]"
 
 
-def fit_report(obs, kaplan, skipped, chinchilla, budgets, boot, held, level: float) -> str:
+def fit_report(obs, kaplan, skipped, chinchilla, budgets, boot, held, level: float, warnings: list[str]) -> str:
     """The fits as Markdown: parameters with intervals, the published exponents, the held-out check."""
     ci = f"{level:.0%} interval"
     lines = [f"# Scaling-law fits on {len(obs)} runs", "", f"| law | parameter | fitted | {ci} | Kaplan et al. 2020 |",
@@ -136,11 +157,13 @@ def fit_report(obs, kaplan, skipped, chinchilla, budgets, boot, held, level: flo
             lines.append(f"| L(N, D) = E + A/N^α + B/D^β | {k} | {getattr(chinchilla, k):.4g} | "
                          f"{_interval(boot, f'chinchilla/{k}')} | |")
     lines += [""] + [f"- {why}" for why in skipped.values()]
+    lines += [f"- warning: {w}" for w in warnings]
     lines += ["", "Runs used by each Kaplan fit: " + "; ".join(f"L({k}): {fit.selection}" for k, fit in kaplan.items())
               if kaplan else ""]
     if chinchilla and budgets:
         lines += ["", "## Compute-optimal allocation (Chinchilla fit, C = 6ND)", "",
-                  f"| budget C (FLOPs) | N_opt | {ci} | D_opt | {ci} | tokens per parameter |", "|---|---|---|---|---|---|"]
+                  f"| budget C (FLOPs) | N_opt | {ci} | D_opt | {ci} | tokens per parameter |",
+                  "|---|---|---|---|---|---|"]
         n_opt, d_opt = chinchilla.compute_optimal(budgets)
         for c, n_c, d_c in zip(budgets, n_opt, d_opt):
             b = budget_label(c)

@@ -149,7 +149,8 @@ def test_evaluate_matches_transformers_and_breaks_down_by_source(outputs, tracki
     cfg = _compose(outputs, tracking_uri, experiment, data_dir, "~evaluate.models.cpt", "~evaluate.sets.domain",
                    f"+evaluate.models.exported.path={hf}", "evaluate.sets.corpus.max_documents=40",
                    f"+evaluate.sets.peps.path={data_dir}/domain/python_peps/peps.jsonl.gz",
-                   "+evaluate.sets.peps.max_documents=3", "evaluate.stride=24")
+                   "+evaluate.sets.peps.max_documents=3", "evaluate.stride=24", "evaluate.tasks.sst2.limit=24",
+                   "evaluate.tasks.sst2.shots=[0,1]", "evaluate.tasks.piqa.limit=10")
     manifest = execute_stage("evaluate", load_stage("evaluate"), cfg)
     m = manifest["metrics"]
     rows = json.loads((outputs / "demo" / "evaluate" / "results.json").read_text())
@@ -173,6 +174,20 @@ def test_evaluate_matches_transformers_and_breaks_down_by_source(outputs, tracki
     assert sum(r["tokens"] for r in parts) == corpus["tokens"] and sum(r["bytes"] for r in parts) == corpus["bytes"]
     assert m["eval/pretrain/corpus/shakespeare/bpb"] < m["eval/pretrain/peps/bpb"], \
         "the model trained on shakespeare and web pages knows shakespeare better than Python PEPs"
+
+    # Prompting: every model on every task and number of shots, baselines beside; the exported model
+    # is the same function, so it answers the same.
+    for shots in (0, 1):
+        accuracy = m[f"prompt/pretrain/sst2/{shots}shot/accuracy"]
+        assert 0 <= accuracy <= 1 and m[f"prompt/exported/sst2/{shots}shot/accuracy"] == accuracy
+    dev = [line.rsplit("\t", 1)[1].strip() for line in (data_dir / "eval/sst2/dev.tsv").read_text().splitlines()[:24]]
+    assert m["prompt/sst2/random_baseline"] == 0.5
+    assert m["prompt/sst2/majority_baseline"] == pytest.approx(dev.count("1") / 24), "train's majority is positive"
+    assert manifest["counts"]["prompting"]["pretrain/sst2/1shot"] == 24
+    assert 0 < manifest["counts"]["prompting"]["pretrain/piqa/0shot"] <= 10, \
+        "PIQA answers too long for 64 tokens are left out"
+    report = (outputs / "demo" / "evaluate" / "results.md").read_text()
+    assert "## prompting accuracy" in report and "| true \\ predicted | negative | positive |" in report
 
     run = MlflowClient(tracking_uri).get_run(manifest["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["evaluated.pretrain.run_id"] == pre["mlflow_run_id"]

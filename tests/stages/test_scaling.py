@@ -58,6 +58,7 @@ def test_fits_a_sweep_read_from_mlflow_with_intervals_plots_and_a_heldout_check(
     assert c["sweep_run_id"] == parent and c["observations"] == 15 and c["left_out"] == {"pretrain-15": "FAILED"}, \
         "the failed job is reported and left out of the fit"
     assert c["runs"]["pretrain-3"]["swept"] == "model.d_model=100000 pretrain.max_steps=1000000"
+    assert c["warnings"] == [], "3 budgets x 5 sizes determine the law"
 
     # Noise of 0.3% on 15 points: the exponents come back within 0.05; E, the least identified, within 10%.
     assert m["chinchilla/alpha"] == pytest.approx(TRUE["alpha"], abs=0.05)
@@ -83,9 +84,27 @@ def test_fits_a_sweep_read_from_mlflow_with_intervals_plots_and_a_heldout_check(
 
     # The runs table the stage writes is a CSV the stage reads back: the same fit.
     again = execute_stage("scaling", load_stage("scaling"),
-                          make_cfg("scaling.bootstrap_reps=0", "scaling.budgets=[1e18]", f"scaling.csv={out / 'runs.csv'}",
+                          make_cfg("scaling.bootstrap_reps=0", "scaling.budgets=[1e18]",
+                                   f"scaling.csv={out / 'runs.csv'}",
                                    outputs_dir=tmp_path / "again"))
     assert again["metrics"]["chinchilla/alpha"] == pytest.approx(m["chinchilla/alpha"], rel=1e-6)
+
+
+def test_an_undetermined_chinchilla_law_is_flagged():
+    from pipeline.scaling.laws import BootstrapResult, ChinchillaLaw
+    from pipeline.stages.scaling import doubts
+
+    good = ChinchillaLaw(E=1.8, A=300, B=900, alpha=0.35, beta=0.3)
+    tight = BootstrapResult(0.95, 100, {"chinchilla/alpha": (0.33, 0.37), "chinchilla/beta": (0.28, 0.32),
+                                        "chinchilla/E": (1.7, 1.9)}, {})
+    assert doubts(good, tight) == [] and doubts(None, tight) == []
+    # What the demo sweep gave with only 2 token budgets: beta 39, E near 0, intervals spanning decades.
+    bad = ChinchillaLaw(E=1.4e-10, A=10.6, B=1.7e216, alpha=0.046, beta=39.5)
+    loose = BootstrapResult(0.95, 100, {"chinchilla/alpha": (0.036, 0.119), "chinchilla/beta": (0.61, 39.5),
+                                        "chinchilla/E": (1.4e-10, 2.84)}, {})
+    found = doubts(bad, loose)
+    assert any(w.startswith("beta = 39.5 is outside (0, 2]") for w in found)
+    assert any("interval of E" in w for w in found) and "sweep more sizes and token budgets" in found[-1]
 
 
 def test_bad_sweeps_get_one_error_naming_the_runs(make_cfg, tracking_uri, experiment):
@@ -93,7 +112,8 @@ def test_bad_sweeps_get_one_error_naming_the_runs(make_cfg, tracking_uri, experi
         execute_stage("scaling", load_stage("scaling"), make_cfg())
 
     fake_sweep(tracking_uri, experiment, grid(0.0)[:3])
-    with pytest.raises(BadInput, match=r"\(5 parameters\) needs at least 5 runs but only 3 were given \(pretrain-0, pretrain-1, pretrain-2\)"):
+    too_few = r"\(5 parameters\) needs at least 5 runs but only 3 were given \(pretrain-0, pretrain-1, pretrain-2\)"
+    with pytest.raises(BadInput, match=too_few):
         execute_stage("scaling", load_stage("scaling"), make_cfg())
 
     points = grid(0.0)
