@@ -96,7 +96,7 @@ class CptConfig(PretrainConfig):
 @dataclass
 class EvalModel:
     stage: Optional[str] = None  # a training stage whose model.pt to evaluate ...
-    path: Optional[str] = None  # ... or a transformers causal-LM directory (with tokenizer.json)
+    path: Optional[str] = None  # ... or a transformers directory, a stage directory or a checkpoint (.ckpt)
 
 
 @dataclass

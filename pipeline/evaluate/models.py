@@ -34,14 +34,20 @@ def _token(tokenizer: Tokenizer, token: str, where: Path) -> int:
     return token_id
 
 
-def pipeline_model(name: str, directory: Path, prefix_token: str, device: str) -> ScoredModel:
-    """A training stage's output (model.pt + tokenizer.json); documents follow ``prefix_token`` as in training."""
+def pipeline_model(name: str, path: Path, prefix_token: str, device: str) -> ScoredModel:
+    """A training stage's output (model.pt + tokenizer.json) or one of its Lightning checkpoints (.ckpt, with
+    tokenizer.json beside it or one folder up); documents follow ``prefix_token`` as in training."""
     from pipeline.model.gpt import load_model
 
-    model = load_model(directory).to(device).eval()
-    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    path = Path(path)
+    near = [path] if path.is_dir() else [path.parent, path.parent.parent]
+    tokenizer_json = next((d / "tokenizer.json" for d in near if (d / "tokenizer.json").is_file()), None)
+    if tokenizer_json is None:
+        raise BadInput(f"{path}: no tokenizer.json in {' or '.join(str(d) for d in near)}")
+    model = load_model(path).to(device).eval()
+    tokenizer = Tokenizer.from_file(str(tokenizer_json))
     tokenizer.encode_special_tokens = True  # as in training: "</s>" inside a document is text
-    return ScoredModel(name, lambda ids: model(ids)[0], tokenizer, _token(tokenizer, prefix_token, directory),
+    return ScoredModel(name, lambda ids: model(ids)[0], tokenizer, _token(tokenizer, prefix_token, path),
                        model.cfg.context, sum(p.numel() for p in model.parameters()))
 
 
@@ -76,6 +82,19 @@ def transformers_model(name: str, directory: Path, prefix_token: Optional[str], 
         raise BadInput(f"{directory}: config.json states no context length; set evaluate.context")
     return ScoredModel(name, lambda ids: model(input_ids=ids).logits, tokenizer, prefix_id, int(context),
                        sum(p.numel() for p in model.parameters()))
+
+
+def load_any(name: str, path: Path, prefix_token: Optional[str], eos_token: str, device: str,
+             context: Optional[int] = None) -> ScoredModel:
+    """A path as the user gives it: a transformers directory (config.json), a stage directory (model.pt)
+    or a Lightning checkpoint (.ckpt)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return transformers_model(name, path, prefix_token, device, context)
+    if (path / "model.pt").is_file() or (path.is_file() and path.suffix == ".ckpt"):
+        return pipeline_model(name, path, prefix_token or eos_token, device)
+    raise BadInput(f"evaluate.models.{name}.path={path}: not a transformers directory (config.json), a stage "
+                   f"directory (model.pt) or a checkpoint (.ckpt)")
 
 
 def pick_device(device: str) -> str:

@@ -16,7 +16,7 @@ from pipeline.config import EvalModel, EvaluateConfig, PromptTaskConfig, typed
 from pipeline.contract import StageContext, StageResult
 from pipeline.data.sources import SourceSpec, load_source
 from pipeline.errors import BadInput
-from pipeline.evaluate.models import pick_device, pipeline_model, transformers_model
+from pipeline.evaluate.models import load_any, pick_device, pipeline_model
 from pipeline.evaluate.prompting import PromptTask, evaluate_task, read_examples
 from pipeline.evaluate.report import (ALL, HeldOut, evaluate_model, matrix, metrics_of, prompting_report, read_held_out,
                                       table)
@@ -93,7 +93,8 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
                                    device)
             ctx.run.set_tags({f"evaluated.{name}.run_id": ctx.inputs[m.stage].run_id or ""})
         else:
-            model = transformers_model(name, Path(m.path), spec.prefix_token, device, spec.context)
+            model = load_any(name, Path(m.path), spec.prefix_token, cfg.tokenizer.special_tokens.eos, device,
+                             spec.context)
             ctx.run.set_tags({f"evaluated.{name}.path": str(Path(m.path).resolve())})
         params[name] = model.parameters
         rows += evaluate_model(model, sets, spec.stride, spec.batch_size, device)

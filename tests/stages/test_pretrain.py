@@ -148,6 +148,7 @@ def test_evaluate_matches_transformers_and_breaks_down_by_source(outputs, tracki
     hf = outputs / "demo" / "pretrain" / "hf"
     cfg = _compose(outputs, tracking_uri, experiment, data_dir, "~evaluate.models.cpt", "~evaluate.sets.domain",
                    f"+evaluate.models.exported.path={hf}", "evaluate.sets.corpus.max_documents=40",
+                   f"+evaluate.models.last_ckpt.path={outputs / 'demo' / 'pretrain' / 'checkpoints' / 'step-000030.ckpt'}",
                    f"+evaluate.sets.peps.path={data_dir}/domain/python_peps/peps.jsonl.gz",
                    "+evaluate.sets.peps.max_documents=3", "evaluate.stride=24", "evaluate.tasks.sst2.limit=24",
                    "evaluate.tasks.sst2.shots=[0,1]", "evaluate.tasks.piqa.limit=10")
@@ -155,7 +156,7 @@ def test_evaluate_matches_transformers_and_breaks_down_by_source(outputs, tracki
     m = manifest["metrics"]
     rows = json.loads((outputs / "demo" / "evaluate" / "results.json").read_text())
     total = {(r["model"], r["set"]): r for r in rows if r["source"] == "all"}
-    assert set(total) == {(model, s) for model in ("pretrain", "exported") for s in ("corpus", "peps")}
+    assert set(total) == {(model, s) for model in ("pretrain", "exported", "last_ckpt") for s in ("corpus", "peps")}
 
     # The stage's perplexity equals transformers' on the exported model, tokenizer included.
     texts = pq.read_table(outputs / "demo" / "tokenize" / "val.parquet").column("text").to_pylist()[:40]
@@ -164,6 +165,8 @@ def test_evaluate_matches_transformers_and_breaks_down_by_source(outputs, tracki
     assert m["eval/pretrain/corpus/ppl"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
     assert m["eval/exported/corpus/ppl"] == pytest.approx(m["eval/pretrain/corpus/ppl"], rel=1e-4), \
         "the transformers directory evaluates like the checkpoint it was exported from"
+    assert m["eval/last_ckpt/peps/bpb"] == pytest.approx(m["eval/pretrain/peps/bpb"], rel=1e-6), \
+        "the last Lightning checkpoint holds the published weights"
 
     # Bits per byte: the summed loss over the documents' UTF-8 bytes; the sources add up to the set.
     corpus = total["pretrain", "corpus"]
