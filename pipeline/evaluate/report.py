@@ -90,15 +90,16 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def matrix(rows: list[Row], key: str = "bpb") -> str:
-    """One value per (set, source) and model: the table to compare models at a glance."""
+def matrix(rows: list[Row]) -> str:
+    """Bits per byte and perplexity per (set, source) and model: the table to compare models at a glance."""
     models = list(dict.fromkeys(r.model for r in rows))
     places = list(dict.fromkeys((r.set, r.source) for r in rows))
-    value = {(r.model, r.set, r.source): getattr(r.totals, key) for r in rows}
-    lines = [f"| {key} | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+    value = {(r.model, r.set, r.source): r.totals for r in rows}
+    lines = ["| bits/byte (perplexity) | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
     for s, src in places:
         label = s if src == ALL else f"{s} / {src}"
-        cells = [f"{value[(m, s, src)]:.4f}" if (m, s, src) in value else "" for m in models]
+        cells = [f"{value[(m, s, src)].bpb:.4f} ({value[(m, s, src)].ppl:.1f})" if (m, s, src) in value else ""
+                 for m in models]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -105,7 +105,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
         del model
 
     (ctx.build_dir / "results.json").write_text(json.dumps([r.as_dict() for r in rows], indent=1))
-    report = f"## bits per byte\n\n{matrix(rows)}\n\n## all measures\n\n{table(rows)}\n"
+    report = f"## bits per byte (perplexity)\n\n{matrix(rows)}\n\n## all measures\n\n{table(rows)}\n"
     metrics = metrics_of(rows)
     if results:
         summary, details, prompt_metrics = prompting_report(results)
@@ -115,7 +115,8 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
     (ctx.build_dir / "results.md").write_text(report)
     ctx.run.log_artifact(ctx.build_dir / "results.md")
     ctx.run.log_artifact(ctx.build_dir / "results.json")
-    print(f"\nevaluate: bits per byte (lower is better), each model with its own tokenizer\n\n{matrix(rows)}\n")
+    print(f"\nevaluate: bits per byte (perplexity per token), lower is better; each model reads the text with its "
+          f"own tokenizer, so compare bits per byte across tokenizers\n\n{matrix(rows)}\n")
     counts = {"documents": {n: len(h.texts) for n, h in sets.items()}, "parameters": params}
     counts["prompting"] = {f"{m}/{r.name}/{r.shots}shot": r.n for m, r in results}
     return StageResult(counts=counts, metrics=metrics,

@@ -79,6 +79,8 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
     use_kaplan, use_chinchilla = "kaplan" in spec.laws, "chinchilla" in spec.laws
     kaplan, skipped = kaplan_fits(obs) if use_kaplan else ({}, {})
     chinchilla = fit_chinchilla_runs(obs, delta=spec.huber_delta) if use_chinchilla else None
+    if not kaplan and chinchilla is None:
+        raise BadInput(f"no scaling law could be fitted to {len(obs)} runs: " + "; ".join(skipped.values()))
     largest_c = max((o.c for o in obs if o.c), default=None)
     budgets = list(spec.budgets) or ([10 * largest_c, 100 * largest_c] if largest_c else [])
     boot = bootstrap(obs, budgets if chinchilla else (), reps=spec.bootstrap_reps, level=spec.confidence,
