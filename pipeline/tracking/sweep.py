@@ -114,12 +114,15 @@ class SweepParentRun(Callback):
 
 
 def find_sweep(client, experiment_id: str, stage: str, run_id: Optional[str] = None):
-    """A sweep's parent run: the given one, or the newest sweep of ``stage`` in the experiment (None if none)."""
+    """A sweep's parent run: the given one, or the newest sweep of ``stage`` in the experiment that ran to its
+    end (FINISHED, or FAILED with some jobs failed); a sweep still running or killed part-way is passed
+    over while an earlier one ended. None if there is no sweep."""
     if run_id:
         return client.get_run(run_id)
     runs = client.search_runs([experiment_id], f"tags.sweep = 'parent' AND tags.stage = '{stage}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0] if runs else None
+                              order_by=["attributes.start_time DESC"], max_results=100)
+    ended = [r for r in runs if r.info.status in ("FINISHED", "FAILED")]
+    return (ended or runs or [None])[0]
 
 
 def sweep_jobs(client, parent) -> list:

@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 
 from pipeline.model.gpt import non_embedding_params, flops_per_token, save_model
+from pipeline.errors import StageKilled
 from pipeline.train.callbacks import (Checkpointer, FiniteLossGuard, GracefulStop, Samples, TrainMetrics,
                                       evaluation_metrics, latest_checkpoint)
 from pipeline.train.data import TokenDataModule
@@ -134,7 +135,17 @@ def fit(module: LanguageModel, data: TokenDataModule, val_names: list[str], val_
         if trainer.is_global_zero:
             log(before, 0)
     with stop.handling_signals():
-        trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+        except (SystemExit, KeyboardInterrupt):
+            # A signal that lands outside a training step (during validation, say) makes Lightning end fit
+            # its own way (SIGTERMException, a SystemExit that would exit with status 0). It is still a kill:
+            # the run resumes from the last checkpoint written.
+            if not stop.received:
+                raise
+            print(f"\n{stop.received[0]} received outside a training step; the run resumes from "
+                  f"{checkpointer.last or latest_checkpoint(checkpoint_dir) or 'the start'}", flush=True)
+            raise StageKilled(stop.received[0]) from None
     last = checkpointer.save(trainer)
     if trainer.global_step < train.max_steps:
         raise RuntimeError(f"training stopped at step {trainer.global_step} of {train.max_steps}")

@@ -30,7 +30,7 @@ def grid(noise: float, seed: int = 0) -> list[tuple[float, float, float]]:
             for n in (3e4, 1e5, 3e5, 1e6, 3e6) for d in (1e6, 1e7, 1e8)]
 
 
-def fake_sweep(tracking_uri: str, experiment: str, points, statuses=None, drop=None) -> str:
+def fake_sweep(tracking_uri: str, experiment: str, points, statuses=None, drop=None, status="FINISHED") -> str:
     """A sweep as the pipeline logs one: a parent run and one child per job with N, D, C and val/loss."""
     client = client_for(TrackingSettings(tracking_uri, experiment))
     exp = experiment_id(client, TrackingSettings(tracking_uri, experiment))
@@ -44,14 +44,15 @@ def fake_sweep(tracking_uri: str, experiment: str, points, statuses=None, drop=N
             if (drop or {}).get(i) != key:
                 client.log_metric(run.info.run_id, key, value)
         client.set_terminated(run.info.run_id, (statuses or {}).get(i, "FINISHED"))
-    client.set_terminated(parent.info.run_id, "FINISHED")
+    client.set_terminated(parent.info.run_id, status)
     return parent.info.run_id
 
 
 def test_fits_a_sweep_read_from_mlflow_with_intervals_plots_and_a_heldout_check(make_cfg, tracking_uri, experiment,
                                                                                 tmp_path):
     points = grid(noise=0.003)
-    parent = fake_sweep(tracking_uri, experiment, points + [(1e5, 1e6, 9.9)], statuses={15: "FAILED"})
+    parent = fake_sweep(tracking_uri, experiment, points + [(1e5, 1e6, 9.9)], statuses={15: "FAILED"}, status="FAILED")
+    fake_sweep(tracking_uri, experiment, points[:4], statuses={3: "KILLED"}, status="KILLED")  # newer, cut short
     cfg = make_cfg("scaling.bootstrap_reps=60", "scaling.budgets=[1e18]")
     manifest = execute_stage("scaling", load_stage("scaling"), cfg)
     m, c = manifest["metrics"], manifest["counts"]
