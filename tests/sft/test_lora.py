@@ -1,0 +1,176 @@
+"""LoRA on our GPT (both blocks) and on a transformers GPT-2: exact at init, only adapters train, merge is exact."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from pipeline.errors import BadInput
+from pipeline.model.gpt import GPT, ModelConfig
+from pipeline.sft.lora import (ATTENTION, MLP, LoraSpec, add_lora, default_targets, load_adapter, merge,
+                               save_adapter, target_modules, trainable_fraction)
+
+KINDS = ["gpt", "llama", "hf-gpt2"]  # hf-gpt2: transformers' GPT2LMHeadModel, whose layers are Conv1D
+VOCAB, D, FF, LAYERS = 100, 32, 64, 2
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Any attempt to reach the Hub fails instead of downloading."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def build(kind: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    if kind == "hf-gpt2":
+        return GPT2LMHeadModel(GPT2Config(n_layer=LAYERS, n_head=2, n_embd=D, vocab_size=VOCAB, n_positions=32,
+                                          bos_token_id=0, eos_token_id=0)).eval()
+    return GPT(ModelConfig(block=kind, n_layer=LAYERS, n_head=2, d_model=D, d_ff=FF, context=32,
+                           vocab_size=VOCAB)).eval()
+
+
+def ids(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    out = model(x)
+    return out[0] if isinstance(out, tuple) else out.logits  # ours returns (logits, cache)
+
+
+def train_a_little(model: nn.Module, steps: int = 5) -> None:
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(steps):
+        x = ids(seed=100 + step)
+        out = model(x)
+        y = out[0] if isinstance(out, tuple) else out.logits
+        loss = nn.functional.cross_entropy(y[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every non-adapter parameter, keyed by its name with peft's wrapping taken out."""
+    return {n.replace("base_model.model.", "").replace(".base_layer", ""): p.detach().clone()
+            for n, p in model.named_parameters() if "lora_" not in n}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_fresh_adapter_computes_the_base_model(kind):
+    base = build(kind)
+    expected = logits(base, ids())
+    assert torch.equal(logits(add_lora(base, LoraSpec()), ids()), expected)  # B starts at zero
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_moves_only_the_adapter_and_merge_is_exact(kind):
+    base = build(kind)
+    before_logits, before = logits(base, ids()), base_weights(base)
+    model = add_lora(base, LoraSpec(targets=default_targets(base, mlp=True)))
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+
+    train_a_little(model)
+    adapted = logits(model, ids())
+    assert not torch.allclose(adapted, before_logits, atol=1e-4), "training the adapter changed nothing"
+    after = base_weights(model)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[n], before[n]) for n in before), "a base weight moved"
+
+    merged = merge(model)
+    assert type(merged) is type(base)
+    assert not [n for n, _ in merged.named_modules() if "lora" in n]
+    assert merged.state_dict().keys() == build(kind).state_dict().keys()  # the original layout, loadable as is
+    torch.testing.assert_close(logits(merged, ids()), adapted, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_saved_adapter_loads_back_onto_a_fresh_base(kind, tmp_path):
+    base = build(kind)
+    fresh = copy.deepcopy(base)  # add_lora injects into the model it is given
+    model = add_lora(base, LoraSpec())
+    train_a_little(model, steps=2)
+    save_adapter(model, tmp_path / "adapter")
+
+    loaded = load_adapter(fresh, tmp_path / "adapter")
+    assert torch.equal(logits(loaded, ids()), logits(model, ids()))
+    assert trainable_fraction(loaded)[0] == 0  # loaded for inference unless asked otherwise
+
+
+@pytest.mark.parametrize("kind, targets, per_layer", [
+    ("gpt", ATTENTION, (D + 3 * D) + (D + D)),  # qkv: d -> 3d, proj: d -> d
+    ("hf-gpt2", ATTENTION, (D + 3 * D) + (D + D)),  # the same layers, as Conv1D
+    ("gpt", ATTENTION + ["mlp.up", "mlp.down"], (D + 3 * D) + (D + D) + 2 * (D + FF)),
+    ("llama", ATTENTION + MLP, (D + 3 * D) + (D + D) + 3 * (D + FF)),
+])
+def test_trainable_count_is_rank_times_fan_in_plus_fan_out(kind, targets, per_layer):
+    base = build(kind)
+    n_base = sum(p.numel() for p in base.parameters())
+    trainable, total, fraction = trainable_fraction(add_lora(base, LoraSpec(rank=8, targets=targets)))
+    assert trainable == LAYERS * 8 * per_layer
+    assert total == n_base + trainable
+    assert fraction == trainable / total
+
+
+def test_attention_adapters_are_a_small_fraction_of_a_real_model():
+    base = GPT(ModelConfig(n_layer=4, n_head=4, d_model=128, d_ff=512, context=128, vocab_size=4096))  # mini
+    trainable, _, fraction = trainable_fraction(add_lora(base, LoraSpec(rank=8)))
+    assert trainable == 4 * 8 * (128 * 6)
+    assert fraction < 0.02, fraction
+
+
+def test_our_names_map_onto_transformers_layers():
+    llama = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                         hidden_size=D, intermediate_size=FF, vocab_size=VOCAB))
+    assert sorted(target_modules(llama, LoraSpec(targets=["attn.qkv"]))) == sorted(
+        f"model.layers.{i}.self_attn.{x}_proj" for i in range(2) for x in "qkv")
+    assert target_modules(build("hf-gpt2"), LoraSpec(targets=["mlp.down"])) == [
+        f"transformer.h.{i}.mlp.c_proj" for i in range(2)]  # not attn.c_proj, which shares the last name
+    assert default_targets(build("gpt"), mlp=True) == ["attn.qkv", "attn.proj", "mlp.up", "mlp.down"]
+
+
+def test_a_target_that_matches_nothing_is_named():
+    with pytest.raises(BadInput, match=r"'attn\.q_proj' matches no Linear layer.*blocks\.\*\.attn\.qkv"):
+        target_modules(build("gpt"), LoraSpec(targets=["attn.qkv", "attn.q_proj"]))
+    with pytest.raises(BadInput, match="'mlp.gate' matches no Linear layer"):  # gpt blocks have no gate
+        add_lora(build("gpt"), LoraSpec(targets=["mlp.gate"]))
+
+
+def test_an_output_layer_tied_to_the_embedding_is_refused():
+    with pytest.raises(BadInput, match="lm_head, whose weight is tied to the token embedding"):
+        target_modules(build("gpt"), LoraSpec(targets=["lm_head"]))
+
+
+@pytest.mark.parametrize("field, value", [("rank", 0), ("dropout", 1.0), ("bias", "some"), ("targets", [])])
+def test_bad_specs_are_refused(field, value):
+    with pytest.raises(BadInput, match=f"lora {field}"):
+        add_lora(build("gpt"), LoraSpec(**{field: value}))
+
+
+def test_an_adapter_for_another_model_is_refused(tmp_path):
+    save_adapter(add_lora(build("gpt"), LoraSpec()), tmp_path / "adapter")
+    with pytest.raises(BadInput, match="does not fit"):
+        load_adapter(build("hf-gpt2"), tmp_path / "adapter")
+    with pytest.raises(BadInput, match="adapter_config.json is missing"):
+        load_adapter(build("gpt"), tmp_path / "nothing")
+
+
+def test_a_merged_transformers_model_saves_and_loads_with_auto_class(tmp_path):
+    model = add_lora(build("hf-gpt2"), LoraSpec(targets=default_targets(build("hf-gpt2"), mlp=True)))
+    train_a_little(model)
+    adapted = logits(model, ids())
+    merge(model).save_pretrained(tmp_path / "merged")
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", local_files_only=True)
+    assert type(reloaded) is GPT2LMHeadModel
+    torch.testing.assert_close(logits(reloaded, ids()), adapted, atol=1e-5, rtol=0)
