@@ -21,7 +21,7 @@ from pipeline.evaluate.prompting import PromptTask, evaluate_task, read_examples
 from pipeline.evaluate.report import (ALL, HeldOut, evaluate_model, matrix, metrics_of, prompting_report, read_held_out,
                                       table)
 
-SECTIONS = ("evaluate",)
+SECTIONS = ("seed", "evaluate")  # the seed draws the prompting demonstrations
 
 
 def _models(cfg: DictConfig) -> dict[str, EvalModel]:
