@@ -193,18 +193,11 @@ def validate(cfg) -> None:
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         raise PipelineError(f"config key '{key}': {str(e).splitlines()[0]}") from None
-    for name, node in cfg.tokenize.sources.items():
-        typed(node, SourceSpec, f"tokenize.sources.{name}")
-    for name, node in cfg.filter.sources.items():
-        typed(node, CrawlSource, f"filter.sources.{name}")
-    for name, node in cfg.cpt.sources.items():
-        typed(node, SourceSpec, f"cpt.sources.{name}")
-    for name, node in cfg.evaluate.models.items():
-        typed(node, EvalModel, f"evaluate.models.{name}")
-    for name, node in cfg.evaluate.sets.items():
-        typed(node, SourceSpec, f"evaluate.sets.{name}")
-    for name, node in cfg.evaluate.tasks.items():
-        typed(node, PromptTaskConfig, f"evaluate.tasks.{name}")
+    free_form = {"tokenize.sources": SourceSpec, "filter.sources": CrawlSource, "cpt.sources": SourceSpec,
+                 "evaluate.models": EvalModel, "evaluate.sets": SourceSpec, "evaluate.tasks": PromptTaskConfig}
+    for key, schema in free_form.items():  # maps typed as Any (see TokenizeConfig.sources): check each entry
+        for name, node in OmegaConf.select(cfg, key).items():
+            typed(node, schema, f"{key}.{name}")
     m = cfg.model
     checks = [("model.block", m.block in BLOCKS, f"one of {', '.join(BLOCKS)}"),
               ("model.n_layer", m.n_layer >= 1, "at least 1"),
