@@ -3,7 +3,9 @@
 Two block styles share one skeleton:
     gpt    pre-LayerNorm, GELU MLP, learned positions, biases (GPT-2's layout, so it exports as GPT2LMHeadModel)
     llama  pre-RMSNorm, SwiGLU MLP, rotary positions (RoPE), no biases (exports as LlamaForCausalLM)
-Input and output embeddings are tied in both. ``forward`` takes and returns a KV cache for decoding.
+Input and output embeddings are tied in both. ``forward`` takes and returns a KV cache for decoding,
+or, for rows packing several short examples, each token's position in its own example and a segment
+id per example, so that no token sees another example's tokens or offset (pipeline/sft/batching.py).
 """
 from __future__ import annotations
 
@@ -56,11 +58,25 @@ def _norm(cfg: ModelConfig) -> nn.Module:
 
 
 def rope_tables(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (time, head_dim) in the half-split layout that transformers' Llama uses."""
+    """cos and sin in the half-split layout that transformers' Llama uses.
+
+    positions (time,) give tables (time, head_dim), shared by every row; positions (batch, time), one
+    set per row, give (batch, 1, time, head_dim), which broadcasts over the heads of (batch, heads, time, head_dim).
+    """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = positions.float()[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)
+    if positions.dim() == 2:
+        angles = angles.unsqueeze(1)
     return angles.cos(), angles.sin()
+
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, time, time) boolean attention mask: query i sees key j when j <= i and both share a segment id."""
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    same = segments[:, :, None] == segments[:, None, :]
+    return (same & causal)[:, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -77,7 +93,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
-                past: Optional[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, tuple]:
+                past: Optional[tuple[torch.Tensor, torch.Tensor]],
+                mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, tuple]:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=-1)
         q, k, v = (t.view(B, T, self.cfg.n_head, self.cfg.head_dim).transpose(1, 2) for t in (q, k, v))
@@ -87,7 +104,9 @@ class Attention(nn.Module):
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         S = k.shape[2]  # keys: past and present
         dropout = self.cfg.dropout if self.training else 0.0
-        if S == T:
+        if mask is not None:  # packed examples: a block-diagonal causal mask (segment_mask), no past
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        elif S == T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:  # query i sits at position S - T + i and sees keys up to there
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
@@ -118,8 +137,8 @@ class Block(nn.Module):
         self.norm2, self.mlp = _norm(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, past):
-        h, present = self.attn(self.norm1(x), rope, past)
+    def forward(self, x, rope, past, mask=None):
+        h, present = self.attn(self.norm1(x), rope, past, mask)
         x = x + self.drop(h)
         return x + self.drop(self.mlp(self.norm2(x))), present
 
@@ -148,14 +167,27 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor, past: Optional[KVCache] = None,
-                use_cache: bool = False) -> tuple[torch.Tensor, Optional[KVCache]]:
-        """Logits (batch, time, vocab) for token ids ``idx``, continuing after ``past`` when given."""
+    def forward(self, idx: torch.Tensor, past: Optional[KVCache] = None, use_cache: bool = False,
+                positions: Optional[torch.Tensor] = None,
+                segments: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[KVCache]]:
+        """Logits (batch, time, vocab) for token ids ``idx``, continuing after ``past`` when given.
+
+        For packed rows (pipeline/sft/batching.py), ``positions`` (batch, time) is each token's position
+        in its own example and ``segments`` (batch, time) its example's id: a token attends only to
+        earlier tokens of its own segment. Either defaults to one sequence per row (0, 1, ... and causal
+        attention over the whole row); neither goes with ``past``.
+        """
         B, T = idx.shape
         start = past[0][0].shape[2] if past else 0
         assert start + T <= self.cfg.context, \
             f"sequence of {start + T} tokens is longer than the model's context of {self.cfg.context}"
-        positions = torch.arange(start, start + T, device=idx.device)
+        for name, t in (("positions", positions), ("segments", segments)):
+            if t is not None:
+                assert not past, f"{name} (packed rows) cannot be combined with a KV cache (past)"
+                assert t.shape == idx.shape, f"{name} has shape {tuple(t.shape)}, expected {tuple(idx.shape)} like idx"
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device)
+        mask = segment_mask(segments) if segments is not None else None
         x = self.tok_emb(idx)
         rope = None
         if self.pos_emb is not None:
@@ -165,7 +197,7 @@ class GPT(nn.Module):
         x = self.drop(x)
         presents = []
         for i, block in enumerate(self.blocks):
-            x, present = block(x, rope, past[i] if past else None)
+            x, present = block(x, rope, past[i] if past else None, mask)
             presents.append(present)
         logits = self.lm_head(self.norm(x))
         return logits, (presents if use_cache else None)

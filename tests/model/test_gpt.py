@@ -48,3 +48,32 @@ def test_a_sequence_longer_than_the_context_is_refused():
     model = random_model("gpt", context=8)
     with pytest.raises(AssertionError, match="longer than the model's context of 8"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+@torch.no_grad()
+def test_without_positions_and_segments_the_logits_are_bit_identical(block):
+    model = random_model(block)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 12))
+    assert torch.equal(model(ids, positions=None, segments=None)[0], model(ids)[0])
+    # One segment per row and the default positions: the mask path computes what is_causal does.
+    one_segment = dict(positions=torch.arange(12).expand(2, 12), segments=torch.zeros(2, 12, dtype=torch.long))
+    torch.testing.assert_close(model(ids, **one_segment)[0], model(ids)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_rope_tables_per_row_stack_the_tables_of_each_row():
+    from pipeline.model.gpt import rope_tables
+
+    positions = torch.tensor([[0, 1, 2, 0, 1], [3, 4, 5, 6, 7]])
+    cos, sin = rope_tables(8, positions, 10000.0)
+    assert cos.shape == sin.shape == (2, 1, 5, 8)
+    for row in range(2):
+        expected = rope_tables(8, positions[row], 10000.0)
+        assert torch.equal(cos[row, 0], expected[0]) and torch.equal(sin[row, 0], expected[1])
+
+
+def test_packed_rows_cannot_continue_a_kv_cache():
+    model = random_model("llama")
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 4))
+    _, past = model(ids, use_cache=True)
+    with pytest.raises(AssertionError, match="cannot be combined with a KV cache"):
+        model(ids, past=past, segments=torch.zeros(1, 4, dtype=torch.long))
