@@ -33,7 +33,8 @@ ifneq ($(filter name=%,$(ARGS)),)
 $(error ARGS sets name=: choose the experiment with EXP=<preset> instead, so Make finds outputs/<EXP>/)
 endif
 
-.PHONY: help setup test all filter inspect-filter dedup dedup-eval tokenize pretrain cpt evaluate sweep scaling generate bench clean mlflow-ui FORCE
+.PHONY: help setup test all filter inspect-filter dedup dedup-eval tokenize pretrain cpt sft inspect-sft merge evaluate sweep \
+	scaling generate bench clean mlflow-ui FORCE
 
 help: ## Show the targets
 	@echo "usage: make <target> [EXP=$(EXP)] [ARGS='key=value ...']"
@@ -49,7 +50,7 @@ setup: ## Create .venv, install torch ($(TORCH)) first, then the project with it
 test: ## Run the whole test suite, slow tests included (what CI runs)
 	$(PY) -m pytest --runslow -q
 
-all: filter dedup tokenize pretrain cpt evaluate ## Run the demo pipeline, skipping what is up to date (sweep and scaling are separate)
+all: filter dedup tokenize pretrain cpt sft merge evaluate ## Run the demo pipeline, skipping what is up to date (sweep and scaling are separate)
 
 filter: $(OUT)/filter/manifest.json ## Extract, language-filter, quality-filter and redact the crawl
 
@@ -100,10 +101,28 @@ $(OUT)/cpt/manifest.json: $(OUT)/pretrain/manifest.json $(OUT)/.args/cpt $(TRAIN
 		pipeline/stages/cpt.py pipeline/stages/pretrain.py
 	$(STAGE) cpt $(STAGE_ARGS)
 
-evaluate: $(OUT)/evaluate/manifest.json ## Perplexity and bits per byte of the pretrain and cpt models on the held-out sets
+sft: $(OUT)/sft/manifest.json ## Fine-tune the cpt model on instruction data with LoRA; base vs tuned in MLflow
+
+$(eval $(call args_stamp,sft))
+$(OUT)/sft/manifest.json: $(OUT)/cpt/manifest.json $(OUT)/.args/sft $(TRAIN_DEPS) conf/sft.yaml pipeline/stages/sft.py \
+		$(wildcard pipeline/sft/*.py) pipeline/stages/cpt.py
+	$(STAGE) sft $(STAGE_ARGS)
+
+inspect-sft: ## Print N=2 rendered conversations per source (SOURCE=name), trained tokens marked (after make cpt)
+	$(PY) -m pipeline.sft.inspect -n $(or $(N),2) $(if $(SOURCE),--source $(SOURCE)) $(STAGE_ARGS)
+
+merge: $(OUT)/merge/manifest.json ## Fold the LoRA adapter into the model: model.pt and a transformers directory (hf/)
+
+$(eval $(call args_stamp,merge))
+$(OUT)/merge/manifest.json: $(OUT)/sft/manifest.json $(OUT)/.args/merge $(COMMON) pipeline/stages/merge.py \
+		pipeline/stages/sft.py $(wildcard pipeline/sft/*.py) $(wildcard pipeline/model/*.py)
+	$(STAGE) merge $(STAGE_ARGS)
+
+evaluate: $(OUT)/evaluate/manifest.json ## Perplexity, bits per byte and prompting accuracy of pretrain, cpt and sft
 
 $(eval $(call args_stamp,evaluate))
-$(OUT)/evaluate/manifest.json: $(OUT)/cpt/manifest.json $(OUT)/pretrain/manifest.json $(OUT)/.args/evaluate $(COMMON) \
+$(OUT)/evaluate/manifest.json: $(OUT)/merge/manifest.json $(OUT)/cpt/manifest.json $(OUT)/pretrain/manifest.json \
+		$(OUT)/.args/evaluate $(COMMON) \
 		conf/evaluate.yaml pipeline/stages/evaluate.py $(wildcard pipeline/evaluate/*.py)
 	$(STAGE) evaluate $(STAGE_ARGS)
 
@@ -123,7 +142,7 @@ $(OUT)/scaling/manifest.json: $(OUT)/.sweep/$(SWEEP) $(OUT)/.args/scaling $(COMM
 		pipeline/stages/scaling.py $(wildcard pipeline/scaling/*.py)
 	$(STAGE) scaling $(STAGE_ARGS)
 
-generate: ## Continue PROMPT="..." with the newest model of MODEL=pretrain|cpt (GEN_ARGS="--strategy sample ...")
+generate: ## Continue PROMPT="..." with the newest model of MODEL=pretrain|cpt|merge (GEN_ARGS="--strategy sample ...")
 	$(PY) -m pipeline.model.generate $(OUT)/$(or $(MODEL),pretrain) --prompt "$(PROMPT)" $(GEN_ARGS)
 
 bench: ## Benchmarks against baselines measured in the same run (outputs/bench/*.json)

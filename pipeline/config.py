@@ -19,6 +19,8 @@ from pipeline.filter.extract import ENGINES
 from pipeline.filter.run import CrawlSource
 from pipeline.filter.steps import StepsSpec
 from pipeline.model.gpt import BLOCKS, ModelConfig
+from pipeline.sft.chat import TEMPLATES
+from pipeline.sft.lora import BIASES
 from pipeline.tokenizer.build import TokenizerSpec
 from pipeline.train.module import SCHEDULES
 from pipeline.train.run import TrainerSpec, TrainSpec
@@ -94,6 +96,48 @@ class CptConfig(PretrainConfig):
 
 
 @dataclass
+class SftSource:
+    """One instruction dataset of the sft mixture (pipeline/sft/data.py reads it)."""
+
+    format: str = MISSING  # alpaca | prompt_response | conversations | oasst_tree | gsm8k | self_instruct
+    path: str = MISSING  # a JSON or JSONL file (optionally .gz), a directory or a glob of them
+    weight: float = 1.0  # share of its training part used per pass: 0.5 half, 2 twice, 0 held-out only
+    options: Dict[str, Any] = field(default_factory=dict)  # the reader's keyword arguments (field names)
+
+
+@dataclass
+class SftLora:
+    enabled: bool = True  # false: full fine-tuning (every weight trains)
+    rank: int = 8
+    alpha: float = 16
+    dropout: float = 0.05
+    targets: List[str] = field(default_factory=lambda: ["attn.qkv", "attn.proj"])  # add mlp.up, mlp.down for the MLP
+    bias: str = "none"  # none | all | lora_only
+
+
+@dataclass
+class SftGenerate:
+    per_source: int = 8  # held-out instructions answered by the base and the fine-tuned model
+    max_new_tokens: int = 48
+    show: int = 20  # examples side by side in generations.md
+
+
+@dataclass
+class SftConfig(TrainSpec):
+    init: CptInit = field(default_factory=lambda: CptInit(stage="cpt"))  # stage, or path: a model directory,
+    # a Lightning .ckpt or a transformers causal-LM directory
+    template: str = "chatml"  # chatml | llama2 (pipeline/sft/chat.py)
+    sources: Dict[str, Any] = field(default_factory=dict)  # name -> SftSource; typed as Any like tokenize.sources
+    val_fraction: float = 0.05  # per source, by hash of the conversation's text
+    val_max_per_source: int = 64  # held-out conversations scored for the held-out loss
+    max_tokens: Optional[int] = None  # longer conversations are cut (or dropped); None: the model's context
+    drop_truncated: bool = False  # true: drop conversations that do not fit instead of cutting them
+    packing: bool = False  # several short conversations per row, without attention between them
+    lora: SftLora = field(default_factory=SftLora)
+    generate: SftGenerate = field(default_factory=SftGenerate)
+
+
+@dataclass
 class EvalModel:
     stage: Optional[str] = None  # a training stage whose model.pt to evaluate ...
     path: Optional[str] = None  # ... or a transformers directory, a stage directory or a checkpoint (.ckpt)
@@ -158,6 +202,7 @@ class RootConfig:
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     cpt: CptConfig = field(default_factory=CptConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
 
@@ -194,6 +239,7 @@ def validate(cfg) -> None:
         key = getattr(e, "full_key", None) or "?"
         raise PipelineError(f"config key '{key}': {str(e).splitlines()[0]}") from None
     free_form = {"tokenize.sources": SourceSpec, "filter.sources": CrawlSource, "cpt.sources": SourceSpec,
+                 "sft.sources": SftSource,
                  "evaluate.models": EvalModel, "evaluate.sets": SourceSpec, "evaluate.tasks": PromptTaskConfig}
     for key, schema in free_form.items():  # maps typed as Any (see TokenizeConfig.sources): check each entry
         for name, node in OmegaConf.select(cfg, key).items():
@@ -205,6 +251,15 @@ def validate(cfg) -> None:
               ("model.context", m.context >= 2, "at least 2"),
               ("model.dropout", 0 <= m.dropout < 1, "in [0, 1)"),
               ("cpt.val_fraction", 0 < cfg.cpt.val_fraction < 1, "in (0, 1)"),
+              ("sft.val_fraction", 0 < cfg.sft.val_fraction < 1, "in (0, 1)"),
+              ("sft.val_max_per_source", cfg.sft.val_max_per_source >= 1, "at least 1"),
+              ("sft.max_tokens", cfg.sft.max_tokens is None or cfg.sft.max_tokens >= 2, "at least 2 or null"),
+              ("sft.template", cfg.sft.template in TEMPLATES, f"one of {', '.join(TEMPLATES)}"),
+              ("sft.lora.bias", cfg.sft.lora.bias in BIASES, f"one of {', '.join(BIASES)}"),
+              ("sft.lora.rank", cfg.sft.lora.rank >= 1, "at least 1"),
+              ("sft.lora.dropout", 0 <= cfg.sft.lora.dropout < 1, "in [0, 1)"),
+              ("sft.generate.per_source", cfg.sft.generate.per_source >= 0, "at least 0"),
+              ("sft.generate.max_new_tokens", cfg.sft.generate.max_new_tokens >= 1, "at least 1"),
               ("evaluate.stride", cfg.evaluate.stride is None or cfg.evaluate.stride >= 1, "at least 1 or null"),
               ("evaluate.batch_size", cfg.evaluate.batch_size >= 1, "at least 1"),
               ("scaling.laws", bool(cfg.scaling.laws) and set(cfg.scaling.laws) <= {"kaplan", "chinchilla"},
@@ -213,7 +268,7 @@ def validate(cfg) -> None:
               ("scaling.confidence", 0 < cfg.scaling.confidence < 1, "in (0, 1)"),
               ("scaling.budgets", all(b > 0 for b in cfg.scaling.budgets), "positive FLOP counts"),
               ("scaling.huber_delta", cfg.scaling.huber_delta > 0, "positive")]
-    for stage in ("pretrain", "cpt"):
+    for stage in ("pretrain", "cpt", "sft"):
         t = cfg[stage]
         checks += [(f"{stage}.max_steps", t.max_steps >= 1, "at least 1"),
                    (f"{stage}.micro_batch_size", t.micro_batch_size >= 1, "at least 1"),

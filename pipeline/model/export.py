@@ -14,6 +14,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -105,11 +106,11 @@ def _token_id(tokenizer, token: str, tokenizer_json: Path) -> int:
 
 
 def export_transformers(model: GPT, tokenizer_json: Path, out_dir: Path, bos: str = "<s>", eos: str = "</s>",
-                        pad: str = "<pad>") -> Path:
+                        pad: str = "<pad>", chat_template: Optional[str] = None) -> Path:
     """Write ``model`` and its tokenizer as a transformers directory (safetensors) and return it.
 
     ``AutoModelForCausalLM.from_pretrained(out_dir)`` and ``AutoTokenizer.from_pretrained(out_dir)`` then
-    load offline. The directory is built beside ``out_dir`` and renamed into place, so a crash never
+    load offline. A ``chat_template`` (Jinja) is stored with the tokenizer, for ``apply_chat_template``. The directory is built beside ``out_dir`` and renamed into place, so a crash never
     leaves half an export; an existing ``out_dir`` is replaced.
     """
     from tokenizers import Tokenizer
@@ -129,6 +130,8 @@ def export_transformers(model: GPT, tokenizer_json: Path, out_dir: Path, bos: st
     hf.load_state_dict(_to_hf_state(model), strict=True)
     fast = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), bos_token=bos, eos_token=eos,
                                    pad_token=pad, model_max_length=model.cfg.context)
+    if chat_template is not None:
+        fast.chat_template = chat_template
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

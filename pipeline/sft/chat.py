@@ -193,6 +193,7 @@ class Encoded:
     ids: list[int]
     labels: list[int]  # ids[i] where trained, else IGNORE; not shifted (the model shifts, as in transformers)
     truncated: bool
+    id: str = ""  # the conversation's id
 
 
 def encode_conversation(tokenizer: Tokenizer, conversation: Conversation, template: Union[str, ChatTemplate],
@@ -218,7 +219,7 @@ def encode_conversation(tokenizer: Tokenizer, conversation: Conversation, templa
     ids, labels = ids[:max_tokens], labels[:max_tokens]
     if all(label == IGNORE for label in labels):
         return None
-    return Encoded(ids, labels, truncated)
+    return Encoded(ids, labels, truncated, conversation.id)
 
 
 def encode_prompt(tokenizer: Tokenizer, messages: Sequence[dict], template: Union[str, ChatTemplate],
@@ -234,15 +235,20 @@ def encode_prompt(tokenizer: Tokenizer, messages: Sequence[dict], template: Unio
 
 
 def encode_all(conversations: Sequence[Conversation], tokenizer: Tokenizer, template: Union[str, ChatTemplate],
-               max_tokens: int, bos: str, eos: str) -> tuple[list[Encoded], dict[str, int]]:
-    """Encode every conversation; counts: kept, truncated (kept ones that were cut),
-    dropped_no_trained_tokens, and the kept examples' tokens and trained_tokens."""
+               max_tokens: int, bos: str, eos: str, drop_truncated: bool = False) -> tuple[list[Encoded], dict[str, int]]:
+    """Encode every conversation; counts: kept, truncated (kept ones that were cut), dropped_no_trained_tokens,
+    dropped_too_long (with ``drop_truncated``: cut ones are dropped, not kept), and the kept examples' tokens
+    and trained_tokens."""
     examples: list[Encoded] = []
-    counts = {"kept": 0, "truncated": 0, "dropped_no_trained_tokens": 0, "tokens": 0, "trained_tokens": 0}
+    counts = {"kept": 0, "truncated": 0, "dropped_no_trained_tokens": 0, "dropped_too_long": 0, "tokens": 0,
+              "trained_tokens": 0}
     for conversation in conversations:
         encoded = encode_conversation(tokenizer, conversation, template, max_tokens, bos, eos)
         if encoded is None:
             counts["dropped_no_trained_tokens"] += 1
+            continue
+        if drop_truncated and encoded.truncated:
+            counts["dropped_too_long"] += 1
             continue
         examples.append(encoded)
         counts["kept"] += 1

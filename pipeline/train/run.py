@@ -109,12 +109,17 @@ class TrainOutcome:
 def fit(module: LanguageModel, data: TokenDataModule, val_names: list[str], val_bytes_per_token: dict[str, float],
         trainer_spec: TrainerSpec, train: TrainSpec, checkpoint_dir: Path,
         log: Callable[[dict, int], None], write_text: Callable[[str, str], None],
-        tokenizer=None, eos_id: Optional[int] = None, evaluate_first: bool = False) -> TrainOutcome:
-    """Train ``module`` to ``train.max_steps``, resuming from the newest checkpoint in ``checkpoint_dir``."""
+        tokenizer=None, eos_id: Optional[int] = None, evaluate_first: bool = False,
+        tokens_per_step: Optional[float] = None) -> TrainOutcome:
+    """Train ``module`` to ``train.max_steps``, resuming from the newest checkpoint in ``checkpoint_dir``.
+
+    ``tokens_per_step`` on one device defaults to full windows of the model's context (pretraining);
+    fine-tuning passes its mean of real tokens, padding left out.
+    """
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     n_params = non_embedding_params(module.model)
-    tokens_per_step = module.model.cfg.context * train.micro_batch_size * train.grad_accum * \
-        trainer_spec.devices * trainer_spec.num_nodes
+    per_device = tokens_per_step or module.model.cfg.context * train.micro_batch_size * train.grad_accum
+    tokens_per_step = round(per_device * trainer_spec.devices * trainer_spec.num_nodes)
     checkpointer = Checkpointer(checkpoint_dir, train.ckpt_every_steps, train.keep_checkpoints)
     stop = GracefulStop(checkpointer)
     metrics = TrainMetrics(log, train.log_every_steps, tokens_per_step, flops_per_token(module.model.cfg, n_params),

@@ -159,6 +159,12 @@ def test_truncation_keeps_the_left_and_drops_examples_with_nothing_to_train(toke
     assert [e.truncated for e in examples] == [True, False] and len(examples[0].ids) == one_exchange
     assert counts["tokens"] == sum(len(e.ids) for e in examples)
     assert counts["trained_tokens"] == sum(label != IGNORE for e in examples for label in e.labels) > 0
+    assert [e.id for e in examples] == ["t:0", "t:2"]
+    kept, dropping = encode_all([conversation(TWO_TURNS), conversation(long_prompt, "t:1"),
+                                 conversation(TWO_TURNS[:3], "t:2")], tokenizer, "llama2", one_exchange, BOS, EOS,
+                                drop_truncated=True)
+    assert [e.id for e in kept] == ["t:2"] and not kept[0].truncated
+    assert dropping["kept"] == 1 and dropping["dropped_too_long"] == 1 and dropping["truncated"] == 0
 
 
 def test_render_masked_marks_the_trained_spans(tokenizer):
