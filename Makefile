@@ -142,7 +142,7 @@ $(OUT)/scaling/manifest.json: $(OUT)/.sweep/$(SWEEP) $(OUT)/.args/scaling $(COMM
 		pipeline/stages/scaling.py $(wildcard pipeline/scaling/*.py)
 	$(STAGE) scaling $(STAGE_ARGS)
 
-generate: ## Continue PROMPT="..." with the newest model of MODEL=pretrain|cpt|merge (GEN_ARGS="--strategy sample ...")
+generate: ## Continue PROMPT="..." with the newest model of MODEL=pretrain|cpt|merge (GEN_ARGS="--chat auto" for merge)
 	$(PY) -m pipeline.model.generate $(OUT)/$(or $(MODEL),pretrain) --prompt "$(PROMPT)" $(GEN_ARGS)
 
 bench: ## Benchmarks against baselines measured in the same run (outputs/bench/*.json)

@@ -264,6 +264,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=defaults.seed, help="sample only")
     parser.add_argument("--eos-token", default="</s>",
                         help="stop when the model produces this token ('' never stops early)")
+    parser.add_argument("--chat", default=None, metavar="TEMPLATE",
+                        help="ask a fine-tuned model: the prompt becomes a user turn in this chat template "
+                             "(chatml, llama2; 'auto' reads chat_template.jinja's name from the manifest) and "
+                             "generation stops at the template's end-of-turn token")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = parser.parse_args(argv)
 
@@ -276,12 +280,34 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.eos_token and eos_id is None:
             raise BadInput(f"--eos-token {args.eos_token!r} is not in the tokenizer; pass one it has, or ''")
         model.to(args.device).eval()
+        if args.chat:
+            print(chat_reply(model, tokenizer, args.path, args.prompt, args.chat, spec, args.eos_token))
+            return 0
         text = generate_text(model, tokenizer, args.prompt, spec, eos_id=eos_id)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(args.prompt + text)
     return 0
+
+
+def chat_reply(model: GPT, tokenizer, path: Path, prompt: str, template: str, spec: DecodeSpec, eos: str) -> str:
+    """The model's reply to ``prompt`` as a user turn of ``template`` ('auto': the one the stage recorded)."""
+    import json
+
+    from pipeline.sft.chat import encode_prompt, get_template
+
+    if template == "auto":
+        manifest = path / "manifest.json" if path.is_dir() else path.parent / "manifest.json"
+        recorded = json.loads(manifest.read_text())["outputs"].get("template") if manifest.is_file() else None
+        if recorded is None:
+            raise BadInput(f"{path} records no chat template (not an sft or merge output): pass --chat chatml|llama2")
+        template = recorded
+    chat = get_template(template)
+    ids = encode_prompt(tokenizer, [{"role": "user", "content": prompt}], chat, "<s>", eos)
+    end_id = tokenizer.token_to_id(chat.end_of_turn or eos)
+    new = generate(model, ids, spec, eos_id=end_id)
+    return tokenizer.decode(new[:-1] if new and new[-1] == end_id else new, skip_special_tokens=True).strip()
 
 
 if __name__ == "__main__":

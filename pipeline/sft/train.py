@@ -68,8 +68,11 @@ class SFTModule(pl.LightningModule):
         sums[1] += int((batch["labels"][:, 1:] != IGNORE).sum())
 
     def val_losses(self) -> dict[int, float]:
-        """Mean nats per trained token for each validation loader of the last validation pass."""
-        return {i: total / count for i, (total, count) in self.val_sums.items() if count}
+        """Mean nats per trained token of the last validation pass: index 0 over every loader together,
+        index i + 1 for loader i (so the sets are named ``["all", *loaders]``)."""
+        total, count = (sum(s[k] for s in self.val_sums.values()) for k in (0, 1))
+        each = {i + 1: t / c for i, (t, c) in self.val_sums.items() if c}
+        return {0: total / count, **each} if count else {}
 
     def configure_optimizers(self):
         s = self.optim_spec

@@ -156,8 +156,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
           f"train ({fraction:.2%}); {len(examples):,} training conversations, "
           f"{sum(len(v) for v in val.values())} held out")
     module = SFTModule(trained, spec.optim, spec.max_steps, adapters_only=spec.lora.enabled)
-    val_sets = {"all": [e for v in val.values() for e in v], **val}
-    data = SFTData(examples, val_sets, spec.micro_batch_size, spec.grad_accum, cfg.seed, pad_id,
+    data = SFTData(examples, val, spec.micro_batch_size, spec.grad_accum, cfg.seed, pad_id,
                    pack_context=max_tokens if spec.packing else None)
 
     packing = {}
@@ -168,7 +167,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
         print(f"sft: packing {len(examples):,} conversations into {stats['rows']:,} rows of {max_tokens} tokens: "
               f"{stats['fill']:.0%} of each row is real tokens, against {stats['padded_fill']:.0%} when padded")
     ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    outcome = fit(module, data, list(val_sets), {}, typed(cfg.trainer, TrainerSpec, "trainer"), spec,
+    outcome = fit(module, data, ["all", *val], {},  # val/loss: all sources together (SFTModule.val_losses) typed(cfg.trainer, TrainerSpec, "trainer"), spec,
                   ctx.checkpoint_dir, log=lambda metrics, step: ctx.run.log_metrics(metrics, step=step),
                   write_text=ctx.run.log_text, evaluate_first=True,
                   tokens_per_step=data.batches.tokens_per_micro_batch * spec.grad_accum)

@@ -207,3 +207,23 @@ def test_cli_bad_option_is_one_line(stage_dir, capsys):
     directory, _ = stage_dir
     assert main([str(directory), "--top-p", "1.5"]) == 2
     assert "top_p=1.5" in capsys.readouterr().err
+
+
+def test_cli_chat_asks_in_the_recorded_template_and_stops_at_its_end_of_turn(stage_dir, capsys):
+    import json
+
+    from pipeline.sft.chat import encode_prompt
+
+    directory, model = stage_dir
+    tokenizer = byte_tokenizer(SpecialTokens().all())
+    assert main([str(directory), "--prompt", "Hi", "--chat", "auto"]) == 2  # a pretrain output has no template
+    assert "records no chat template" in capsys.readouterr().err
+    (directory / "manifest.json").write_text(json.dumps({"outputs": {"template": "chatml"}}))
+    for template in ("auto", "llama2"):
+        assert main([str(directory), "--prompt", "Hi", "--chat", template, "--max-new-tokens", "6"]) == 0
+        chat = "chatml" if template == "auto" else template
+        ids = encode_prompt(tokenizer, [{"role": "user", "content": "Hi"}], chat, "<s>", "</s>")
+        end = tokenizer.token_to_id("<|im_end|>" if chat == "chatml" else "</s>")
+        new = generate(model, ids, DecodeSpec(max_new_tokens=6), eos_id=end)
+        expected = tokenizer.decode(new[:-1] if new and new[-1] == end else new, skip_special_tokens=True).strip()
+        assert capsys.readouterr().out == expected + "\n"

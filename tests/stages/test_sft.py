@@ -103,6 +103,8 @@ def test_lora_sft_trains_tracks_and_merges(sft_cfg, base_dir, tmp_path, tracking
     # LoRA: a small share trains, and the held-out loss (trained tokens only) goes down from the base's
     assert 0 < m["sft/trainable_fraction"] < 0.1
     assert m["val/loss"] < m["before/loss"] and m["val_seed/loss"] < m["before_seed/loss"]
+    per_source = [m[f"val_{name}/loss"] for name in ("seed", "oasst")]  # "mine" has one record: none held out
+    assert min(per_source) < m["val/loss"] < max(per_source)  # all sources together, weighted by their tokens
     for key in ("gen/base/exact_match", "gen/sft/exact_match", "gen/base/rouge_l", "gen/sft/rouge_l",
                 "gen/sft/seed/rouge_l", "train/tokens_per_s"):
         assert key in m, key
