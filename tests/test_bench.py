@@ -85,3 +85,24 @@ def test_pretrain_budget_without_shards_says_to_run_make_tokenize(tmp_path):
     proc = _bench("pretrain_budget", tmp_path, f"paths.outputs_dir={tmp_path / 'outputs'}")
     assert proc.returncode == 1
     assert "run 'make tokenize' first" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_quick_sft_lora_bench_fine_tunes_the_same_model_both_ways(tmp_path):
+    proc = _bench("sft_lora", tmp_path, f"paths.outputs_dir={tmp_path / 'outputs'}")  # no tokenizer: bytes
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "sft_lora.json").read_text())
+    assert result["tokenizer"].startswith("bytes") and result["model"]["n_layer"] == 2
+    b, c, packed = result["baseline"], result["candidate"], result["packing"]
+    assert len(b["runs"]) == len(c["runs"]) == len(packed["runs"]) == result["rounds"] == 2
+    assert b["steps"] == c["steps"] == packed["steps"] == result["untimed_steps"] + result["timed_steps"]
+    assert b["timed_steps"] == c["timed_steps"] == result["timed_steps"]
+    assert result["ratio"] == pytest.approx(c["tokens_per_s"] / b["tokens_per_s"], abs=1e-3)
+    assert result["memory_ratio"] == pytest.approx(c["peak_memory_mb"] / b["peak_memory_mb"], abs=1e-3)
+    assert 0 < c["trainable_params"] < b["trainable_params"] == b["total_params"]
+    assert b["peak_memory_mb"] > 0 and c["peak_memory_mb"] > 0
+    # same weights and first batch, and a fresh adapter (B = 0) computes the base model exactly
+    assert c["initial_loss"] == pytest.approx(b["initial_loss"], rel=1e-6)
+    sizes = result["trainable_by_size"]
+    assert sizes["gpt1"]["fraction"] < sizes["medium"]["fraction"] < sizes["mini"]["fraction"] < 0.05
+    assert "sft_lora" in proc.stdout and "peak memory LoRA/full" in proc.stdout

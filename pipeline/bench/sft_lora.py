@@ -15,9 +15,11 @@ Each arm runs some untimed steps first; the clock covers the next ones (``StepTi
 included). Arms alternate within a round, the order reversed every other round, and the median
 round is reported.
 
-Peak memory. Every arm runs in a child process of its own, forked from this one after the data is
-encoded and every library imported (a fresh ``python -m`` would spend ~10 s per arm importing). On
-CUDA the child reads ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, just
+Peak memory. Every arm runs in a child process of its own, forked from multiprocessing's fork
+server: a process that has imported the libraries and computed nothing, so no arm inherits another's
+memory. (A fresh ``python -m`` would spend ~10 s per arm importing; a fork of this process would hang
+in torch's OpenMP pool once anything has computed here, as ``make bench``'s earlier benchmarks do.)
+On CUDA the child reads ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, just
 before the model is built. On CPU there is no allocator counter: the child resets the kernel's peak
 resident set (``/proc/self/clear_refs``, "5") and reads its resident set (``/proc/self/statm``) just
 before the model is built; the peak (``ru_maxrss``) after training, minus that, is the memory the
@@ -42,7 +44,7 @@ from typing import Optional
 
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
 
 from pipeline import PROJECT_ROOT
@@ -86,7 +88,7 @@ class LossTimer(StepTimer):
 class Setup:
     """What every arm shares: the config, the encoded examples and the model shape."""
 
-    cfg: object
+    cfg: DictConfig
     sft: SftConfig
     trainer: TrainerSpec
     model: ModelConfig
@@ -124,7 +126,7 @@ def setup(quick: bool, overrides: list[str]) -> Setup:
     read = read_source(fmt, str(Path(cfg.paths.data_dir) / path), name)
     examples, counts = encode_all(read.conversations, tokenizer, sft.template, max_tokens, special.bos, special.eos,
                                   sft.drop_truncated)
-    untimed, steps, rounds = (1, 4, 2) if quick else (2, 6, 3)
+    untimed, steps, rounds = (1, 4, 2) if quick else (1, 4, 3)
     return Setup(cfg, sft, typed(cfg.trainer, TrainerSpec, "trainer"), model_cfg, examples, pad_id,
                  tokenizer_name, counts, untimed, steps, rounds)
 
@@ -192,6 +194,7 @@ def train_arm(s: Setup, arm: str) -> dict:
     if arm != "full":
         model = add_lora(model, lora_spec(s.sft))
     trainable, total, fraction = trainable_fraction(model)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     module = SFTModule(model, s.sft.optim, max_steps, adapters_only=arm != "full")
     timer = LossTimer(first=s.untimed, last=max_steps - 1)
     trainer = bench_trainer(s.trainer, max_steps, s.sft.grad_clip, [timer])
@@ -204,11 +207,12 @@ def train_arm(s: Setup, arm: str) -> dict:
     return {"step_seconds": timer.step_seconds, "real_tokens": real, "slots": slots, "steps": trainer.global_step,
             "micro_batch": micro, "first_loss": timer.first_loss, "final_loss": timer.final_loss,
             "peak_bytes": peak, "memory_method": method, "trainable": trainable, "total": total,
-            "fraction": fraction, "device": "cuda" if cuda else "cpu", "precision": precision_for(s.trainer),
-            "torch_threads": torch.get_num_threads()}
+            "fraction": fraction, "weights_bytes": weights, "device": "cuda" if cuda else "cpu",
+            "precision": precision_for(s.trainer), "torch_threads": torch.get_num_threads()}
 
 
 def _child(s: Setup, arm: str, conn) -> None:
+    quiet_lightning()
     try:
         conn.send(("ok", train_arm(s, arm)))
     except BaseException as e:  # SystemExit from sigterm_fails included: the parent reports it
@@ -218,8 +222,9 @@ def _child(s: Setup, arm: str, conn) -> None:
 
 
 def forked_arm(s: Setup, arm: str) -> dict:
-    """``train_arm`` in a forked child: its peak memory is its own, and nothing of it stays here."""
-    context = multiprocessing.get_context("fork")
+    """``train_arm`` in a child of the fork server: its peak memory is its own, and nothing of it stays here."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__, "peft"])  # imported once, by the server, before its first fork
     receive, send = context.Pipe(duplex=False)
     child = context.Process(target=_child, args=(s, arm, send))
     child.start()
@@ -253,11 +258,13 @@ def summary(s: Setup, runs: list[dict]) -> dict:
 def run(quick: bool = False, overrides: list[str] = ()) -> dict:
     quiet_lightning()
     s = setup(quick, list(overrides))
-    sizes = trainable_by_size(s)  # also imports peft here, once, before the forks
+    sizes = trainable_by_size(s)
+    load = [os.getloadavg()[0]]  # other processes on the machine slow every arm; say how busy it was
     runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     for r in range(s.rounds):  # interleaved, the order reversed every other round, so drift hits every arm alike
         for arm in (list(ARMS) if r % 2 == 0 else list(ARMS)[::-1]):
             runs[arm].append(forked_arm(s, arm))
+    load.append(os.getloadavg()[0])
     full, lora, packed = (summary(s, runs[arm]) for arm in ARMS)
     ratio = lora["tokens_per_s"] / full["tokens_per_s"]
     memory_ratio = lora["peak_memory_mb"] / full["peak_memory_mb"]
@@ -265,6 +272,7 @@ def run(quick: bool = False, overrides: list[str] = ()) -> dict:
     meets_trainable = bool(large) and all(f <= TRAINABLE_GOAL for f in large.values())
     packing_ratio = packed["tokens_per_s"] / lora["tokens_per_s"]
     one = runs["full"][0]
+    weights_mb = one["weights_bytes"] / 2**20
     return {
         "name": "sft_lora",
         "what": "fine-tuning the same model with LoRA adapters vs every weight: tokens/s, peak memory, trainable "
@@ -277,14 +285,17 @@ def run(quick: bool = False, overrides: list[str] = ()) -> dict:
         "lora": dataclasses.asdict(lora_spec(s.sft)),
         "micro_batch": s.sft.micro_batch_size, "untimed_steps": s.untimed, "timed_steps": s.steps,
         "rounds": s.rounds, "device": one["device"], "precision": one["precision"],
-        "torch_threads": one["torch_threads"], "tokens": "real (non-pad) tokens", "peak_memory": one["memory_method"],
+        "torch_threads": one["torch_threads"], "load_average_1min": [round(x, 2) for x in load],
+        "weights_mb": round(weights_mb, 1), "tokens": "real (non-pad) tokens", "peak_memory": one["memory_method"],
         "baseline": {"name": ARMS["full"], **full},
         "candidate": {"name": ARMS["lora"], **lora},
         "packing": {"name": ARMS["lora_packed"], **packed, "ratio_to_padded_lora": round(packing_ratio, 3)},
         "trainable_by_size": sizes,
-        "memory_ratio": round(memory_ratio, 3), "memory_goal": MEMORY_GOAL, "meets_memory_goal": memory_ratio <= MEMORY_GOAL,
+        "memory_ratio": round(memory_ratio, 3), "memory_goal": MEMORY_GOAL,
+        "meets_memory_goal": memory_ratio <= MEMORY_GOAL,
         "trainable_goal": TRAINABLE_GOAL, "meets_trainable_goal": meets_trainable,
-        "note": f"peak memory LoRA/full {memory_ratio:.3f} (goal <= {MEMORY_GOAL}: "
+        "note": f"peak memory LoRA/full {memory_ratio:.3f}, {lora['peak_memory_mb']:.0f}/{full['peak_memory_mb']:.0f}"
+                f" MB, weights {weights_mb:.0f} MB (goal <= {MEMORY_GOAL}: "
                 f"{'ok' if memory_ratio <= MEMORY_GOAL else 'NOT MET'}); trainable at rank {s.sft.lora.rank}: "
                 + ", ".join(f"{n} {v['fraction']:.2%}" for n, v in sizes.items())
                 + f" (goal <= {TRAINABLE_GOAL:.0%} on {'/'.join(LARGE_SIZES)}: "
