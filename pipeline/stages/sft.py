@@ -167,7 +167,8 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
         print(f"sft: packing {len(examples):,} conversations into {stats['rows']:,} rows of {max_tokens} tokens: "
               f"{stats['fill']:.0%} of each row is real tokens, against {stats['padded_fill']:.0%} when padded")
     ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    outcome = fit(module, data, ["all", *val], {},  # val/loss: all sources together (SFTModule.val_losses) typed(cfg.trainer, TrainerSpec, "trainer"), spec,
+    # "all" first: val/loss is every source together (SFTModule.val_losses), then val_<source>/loss
+    outcome = fit(module, data, ["all", *val], {}, typed(cfg.trainer, TrainerSpec, "trainer"), spec,
                   ctx.checkpoint_dir, log=lambda metrics, step: ctx.run.log_metrics(metrics, step=step),
                   write_text=ctx.run.log_text, evaluate_first=True,
                   tokens_per_step=data.batches.tokens_per_micro_batch * spec.grad_accum)
