@@ -146,7 +146,8 @@ def test_evaluate_matches_transformers_and_breaks_down_by_source(outputs, tracki
         execute_stage("pretrain", load_stage("pretrain"), cfg)
     pre = json.loads((outputs / "demo" / "pretrain" / "manifest.json").read_text())
     hf = outputs / "demo" / "pretrain" / "hf"
-    cfg = _compose(outputs, tracking_uri, experiment, data_dir, "~evaluate.models.cpt", "~evaluate.sets.domain",
+    cfg = _compose(outputs, tracking_uri, experiment, data_dir, "~evaluate.models.cpt", "~evaluate.models.sft",
+                   "~evaluate.sets.domain",
                    f"+evaluate.models.exported.path={hf}", "evaluate.sets.corpus.max_documents=40",
                    f"+evaluate.models.last_ckpt.path={outputs / 'demo' / 'pretrain' / 'checkpoints' / 'step-000030.ckpt'}",
                    f"+evaluate.sets.peps.path={data_dir}/domain/python_peps/peps.jsonl.gz",
