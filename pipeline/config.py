@@ -110,7 +110,7 @@ class SftLora:
     enabled: bool = True  # false: full fine-tuning (every weight trains)
     rank: int = 8
     alpha: float = 16
-    dropout: float = 0.05
+    dropout: float = 0.0  # > 0 also keeps a dropped copy of each adapted layer's input for backward
     targets: List[str] = field(default_factory=lambda: ["attn.qkv", "attn.proj"])  # add mlp.up, mlp.down for the MLP
     bias: str = "none"  # none | all | lora_only
 

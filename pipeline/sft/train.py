@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.errors import BadInput
 from pipeline.sft.batching import collate_packed, masked_loss, pack, pad_batch
 from pipeline.sft.chat import IGNORE, Encoded
 from pipeline.train.data import FromStep
@@ -96,7 +97,7 @@ class SFTBatches(Dataset):
         self.items = pack(examples, pack_context) if pack_context else list(examples)
         if len(self.items) < micro_batch:
             what = "packed rows" if pack_context else "training examples"
-            raise ValueError(f"{len(self.items)} {what}, fewer than one micro-batch of {micro_batch}: lower "
+            raise BadInput(f"{len(self.items)} {what}, fewer than one micro-batch of {micro_batch}: lower "
                              f"micro_batch_size or add data")
         self.per_pass = len(self.items) // micro_batch  # the remainder of a pass is left for the next permutation
         self.tokens_per_micro_batch = sum(len(item.ids) for item in self.items) / len(self.items) * micro_batch

@@ -25,8 +25,8 @@ from pipeline.config import SftConfig, SftSource, typed
 from pipeline.contract import StageContext, StageResult
 from pipeline.errors import BadInput
 from pipeline.model.gpt import GPT, MODEL_FILE, load_model, save_model
-from pipeline.sft.chat import Encoded, encode_all, get_template
 from pipeline.sft.batching import packing_stats
+from pipeline.sft.chat import encode_all, get_template
 from pipeline.sft.data import Conversation, ReadResult, mixture, read_source
 from pipeline.sft.generation import compare, generate_replies, markdown_table, summary
 from pipeline.sft.lora import LoraSpec, add_lora, save_adapter, trainable_fraction
@@ -102,7 +102,7 @@ def lora_spec(spec: SftConfig) -> LoraSpec:
     return LoraSpec(rank=s.rank, alpha=s.alpha, dropout=s.dropout, targets=list(s.targets), bias=s.bias)
 
 
-def data_metrics(read: dict[str, ReadResult], mix_counts: dict, train_counts: dict, val_counts: dict) -> dict:
+def data_metrics(read: dict[str, ReadResult], train_counts: dict, val_counts: dict) -> dict:
     out = {}
     for name, result in read.items():
         out[f"data/{name}/read"] = len(result.conversations)
@@ -176,29 +176,11 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
         return StageResult()
     before = outcome.before or before_metrics(ctx)
 
-    # Generations for held-out instructions that fit the window, by the base model and the fine-tuned one.
     held = {c.id: c for convs in mix.val.values() for c in convs}
     prompts = [held[e.id] for name in val for e in val[name][:spec.generate.per_source]]
-    generated = {}
-    if prompts:
-        tuned = generate_replies(trained, tokenizer, prompts, template, bos, eos, spec.generate.max_new_tokens)
-        if spec.lora.enabled:
-            with trained.disable_adapter():
-                original = generate_replies(trained, tokenizer, prompts, template, bos, eos,
-                                            spec.generate.max_new_tokens)
-        else:
-            original = generate_replies(base_model(cfg, ctx)[0], tokenizer, prompts, template, bos, eos,
-                                        spec.generate.max_new_tokens)
-        rows = compare(prompts, original.replies, tuned.replies)
-        generated = summary(rows)
-        generated.update({"gen/sft/unfinished": tuned.unfinished, "gen/base/unfinished": original.unfinished,
-                          "gen/truncated_prompts": tuned.truncated_prompts})
-        ctx.run.client.log_table(ctx.run.run_id, data={k: [r[k] for r in rows] for k in rows[0]},
-                                 artifact_file="generations.json")
-        (ctx.build_dir / "generations.md").write_text(markdown_table(rows, spec.generate.show))
-        ctx.run.log_artifact(ctx.build_dir / "generations.md")
+    generated = generations(prompts, trained, cfg, ctx, spec, tokenizer, template) if prompts else {}
 
-    metrics = {**outcome.metrics, **before, **generated, **packing, **data_metrics(read, mix.counts, train_counts, val_counts),
+    metrics = {**outcome.metrics, **before, **generated, **packing, **data_metrics(read, train_counts, val_counts),
                "sft/trainable_params": n_trainable, "sft/total_params": n_total, "sft/trainable_fraction": fraction}
     comparison = comparison_table(metrics, list(val))
     (ctx.build_dir / "comparison.md").write_text(comparison)
@@ -214,6 +196,26 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
               "bad_records": {name: r.bad for name, r in read.items()},
               "encoded": {"train": train_counts, "val": val_counts}}
     return StageResult(counts=counts, metrics=metrics, outputs=outputs, step=spec.max_steps)
+
+
+def generations(prompts: list[Conversation], trained, cfg: DictConfig, ctx: StageContext, spec: SftConfig,
+                tokenizer: Tokenizer, template) -> dict[str, float]:
+    """Replies to held-out instructions by the base model and the fine-tuned one, scored and logged side by side."""
+    special = cfg.tokenizer.special_tokens
+    args = (tokenizer, prompts, template, special.bos, special.eos, spec.generate.max_new_tokens)
+    tuned = generate_replies(trained, *args)
+    if spec.lora.enabled:
+        with trained.disable_adapter():  # the base model is the same weights with the adapter off
+            original = generate_replies(trained, *args)
+    else:
+        original = generate_replies(base_model(cfg, ctx)[0], *args)
+    rows = compare(prompts, original.replies, tuned.replies)
+    ctx.run.client.log_table(ctx.run.run_id, data={k: [r[k] for r in rows] for k in rows[0]},
+                             artifact_file="generations.json")
+    (ctx.build_dir / "generations.md").write_text(markdown_table(rows, spec.generate.show))
+    ctx.run.log_artifact(ctx.build_dir / "generations.md")
+    return {**summary(rows), "gen/sft/unfinished": tuned.unfinished, "gen/base/unfinished": original.unfinished,
+            "gen/truncated_prompts": tuned.truncated_prompts}
 
 
 def comparison_table(metrics: dict[str, float], sources: list[str]) -> str:
