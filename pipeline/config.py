@@ -113,6 +113,7 @@ class SftLora:
     dropout: float = 0.0  # > 0 also keeps a dropped copy of each adapted layer's input for backward
     targets: List[str] = field(default_factory=lambda: ["attn.qkv", "attn.proj"])  # add mlp.up, mlp.down for the MLP
     bias: str = "none"  # none | all | lora_only
+    chat_tokens: bool = True  # the chat template's markers' embedding rows train too (peft trainable tokens)
 
 
 @dataclass

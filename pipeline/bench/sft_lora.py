@@ -55,7 +55,7 @@ from pipeline.model.gpt import GPT, ModelConfig
 from pipeline.sft.batching import pack
 from pipeline.sft.chat import Encoded, add_chat_tokens, encode_all
 from pipeline.sft.data import read_source
-from pipeline.sft.lora import add_lora, trainable_fraction
+from pipeline.sft.lora import LoraSpec, add_lora, trainable_fraction
 from pipeline.sft.train import SFTData, SFTModule
 from pipeline.stages.pretrain import vocab_bound
 from pipeline.stages.sft import lora_spec
@@ -95,6 +95,7 @@ class Setup:
     examples: list[Encoded]
     pad_id: int
     tokenizer: str  # where it came from
+    lora: LoraSpec  # the sft stage's, chat-marker rows included
     counts: dict
     untimed: int
     steps: int
@@ -128,7 +129,7 @@ def setup(quick: bool, overrides: list[str]) -> Setup:
                                   sft.drop_truncated)
     untimed, steps, rounds = (1, 4, 2) if quick else (1, 4, 3)
     return Setup(cfg, sft, typed(cfg.trainer, TrainerSpec, "trainer"), model_cfg, examples, pad_id,
-                 tokenizer_name, counts, untimed, steps, rounds)
+                 tokenizer_name, lora_spec(sft, tokenizer), counts, untimed, steps, rounds)
 
 
 def trainable_by_size(s: Setup) -> dict[str, dict]:
@@ -138,7 +139,7 @@ def trainable_by_size(s: Setup) -> dict[str, dict]:
         shape = dataclasses.replace(typed(OmegaConf.load(path), ModelConfig, f"model {path.stem}"),
                                     vocab_size=s.model.vocab_size)
         with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
-            trainable, total, fraction = trainable_fraction(add_lora(GPT(shape), lora_spec(s.sft)))
+            trainable, total, fraction = trainable_fraction(add_lora(GPT(shape), s.lora))
         sizes[path.stem] = {"trainable": trainable, "total": total, "fraction": round(fraction, 5)}
     return dict(sorted(sizes.items(), key=lambda item: item[1]["total"]))
 
@@ -192,7 +193,7 @@ def train_arm(s: Setup, arm: str) -> dict:
     torch.manual_seed(s.cfg.seed)
     model = GPT(s.model)
     if arm != "full":
-        model = add_lora(model, lora_spec(s.sft))
+        model = add_lora(model, s.lora)
     trainable, total, fraction = trainable_fraction(model)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     module = SFTModule(model, s.sft.optim, max_steps, adapters_only=arm != "full")
@@ -282,7 +283,7 @@ def run(quick: bool = False, overrides: list[str] = ()) -> dict:
         "tokenizer": s.tokenizer,
         "model": {k: getattr(s.model, k) for k in ("block", "n_layer", "n_head", "d_model", "d_ff", "context",
                                                     "vocab_size")},
-        "lora": dataclasses.asdict(lora_spec(s.sft)),
+        "lora": dataclasses.asdict(s.lora),
         "micro_batch": s.sft.micro_batch_size, "untimed_steps": s.untimed, "timed_steps": s.steps,
         "rounds": s.rounds, "device": one["device"], "precision": one["precision"],
         "torch_threads": one["torch_threads"], "load_average_1min": [round(x, 2) for x in load],

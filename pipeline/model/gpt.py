@@ -161,6 +161,20 @@ class GPT(nn.Module):
             if name.endswith(("attn.proj.weight", "mlp.down.weight")):
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
 
+    # The transformers-style hooks peft reads (pipeline/sft/lora.py): with them, embedding rows trained
+    # through ``trainable_token_indices`` change the tied output layer's rows as well, in training and merge.
+    _tied_weights_keys = ["lm_head.weight"]
+
+    @property
+    def config(self) -> dict:
+        return {"model_type": "custom", "tie_word_embeddings": True}
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.tok_emb
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
     def _init(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)

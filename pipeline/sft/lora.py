@@ -50,6 +50,7 @@ class LoraSpec:
     dropout: float = 0.05  # on the adapter's input, in training only
     targets: list[str] = field(default_factory=lambda: list(ATTENTION))  # module-name suffixes; add MLP for the MLP
     bias: str = "none"  # none | all | lora_only: which biases train as well
+    tokens: list[int] = field(default_factory=list)  # token ids whose embedding rows train too (tied output rows follow)
 
 
 def _family(model: nn.Module) -> str | None:
@@ -120,10 +121,21 @@ def _check(spec: LoraSpec) -> None:
         raise BadInput(f"lora bias={spec.bias!r}: expected one of {BIASES}")
     if not spec.targets:
         raise BadInput(f"lora targets is empty: name layers to adapt, e.g. {ATTENTION}")
+    if len(set(spec.tokens)) != len(spec.tokens):
+        raise BadInput(f"lora tokens {spec.tokens}: each token id once")
+
+
+def _check_tokens(model: nn.Module, tokens: list[int]) -> None:
+    vocab = model.get_input_embeddings().num_embeddings
+    outside = [t for t in tokens if not 0 <= t < vocab]
+    if outside:
+        raise BadInput(f"lora tokens {outside} are outside this model's vocabulary of {vocab} tokens")
 
 
 def add_lora(model: nn.Module, spec: LoraSpec):
-    """``model`` with LoRA adapters on ``spec.targets``; everything else frozen (embeddings included).
+    """``model`` with LoRA adapters on ``spec.targets``; everything else frozen, but for the embedding
+    rows of ``spec.tokens`` (peft's trainable tokens: a trained delta per row, and the tied output
+    layer's rows move with it).
 
     peft injects the adapters into ``model`` in place and returns it wrapped in a PeftModel, which
     is called like ``model`` and offers ``save_pretrained`` and ``merge_and_unload``.
@@ -131,6 +143,8 @@ def add_lora(model: nn.Module, spec: LoraSpec):
     from peft import LoraConfig, get_peft_model
 
     _check(spec)
+    if spec.tokens:
+        _check_tokens(model, spec.tokens)
     names = target_modules(model, spec)
     modules = dict(model.named_modules())
     conv1d = {_is_conv1d(modules[n]) for n in names}
@@ -139,9 +153,11 @@ def add_lora(model: nn.Module, spec: LoraSpec):
     config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, bias=spec.bias,
                         target_modules=names,  # full names, so peft adapts exactly what we resolved
                         fan_in_fan_out=conv1d == {True},  # Conv1D stores (in, out), the transpose of nn.Linear
+                        trainable_token_indices=list(spec.tokens) or None,  # on get_input_embeddings()
                         task_type="CAUSAL_LM" if _is_transformers(model) else None)
     peft_model = get_peft_model(model, config)
-    frozen = [n for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n
+    frozen = [n for n, p in peft_model.named_parameters()
+              if p.requires_grad and "lora_" not in n and "trainable_tokens_delta" not in n
               and (spec.bias == "none" or not n.endswith(".bias"))]
     assert not frozen, f"parameters outside the adapters are trainable: {frozen[:5]}"
     return peft_model

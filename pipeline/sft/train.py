@@ -27,12 +27,14 @@ from pipeline.train.module import LRSchedule, OptimSpec
 
 
 def trainable_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """The parameters that train: matrices decay, vectors (norms, biases) do not; frozen ones are left out."""
+    """The parameters that train: matrices decay, vectors (norms, biases) and embedding rows do not;
+    frozen ones are left out."""
     decay, no_decay = [], []
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+            rows = id(p) in embeddings or "trainable_tokens_delta" in name  # peft's trained token rows
+            (decay if p.dim() >= 2 and not rows else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

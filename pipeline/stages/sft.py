@@ -97,9 +97,16 @@ def encode_split(conversations: dict[str, list[Conversation]], tokenizer: Tokeni
     return examples, counts
 
 
-def lora_spec(spec: SftConfig) -> LoraSpec:
+def lora_spec(spec: SftConfig, tokenizer: Tokenizer) -> LoraSpec:
+    """``sft.lora`` as peft takes it; with ``chat_tokens`` the template's markers' embedding rows train too."""
     s = spec.lora
-    return LoraSpec(rank=s.rank, alpha=s.alpha, dropout=s.dropout, targets=list(s.targets), bias=s.bias)
+    markers = get_template(spec.template).special_tokens if s.chat_tokens else ()
+    tokens = [tokenizer.token_to_id(t) for t in markers]
+    missing = [t for t, i in zip(markers, tokens) if i is None]
+    if missing:
+        raise BadInput(f"the tokenizer lacks the chat markers {missing} (sft.lora.chat_tokens)")
+    return LoraSpec(rank=s.rank, alpha=s.alpha, dropout=s.dropout, targets=list(s.targets), bias=s.bias,
+                    tokens=tokens)
 
 
 def data_metrics(read: dict[str, ReadResult], train_counts: dict, val_counts: dict) -> dict:
@@ -150,7 +157,8 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
         raise BadInput(f"no training conversation is left after encoding: {train_counts}")
 
     pl.seed_everything(cfg.seed, verbose=False)  # the same adapter initialisation on every run
-    trained = add_lora(model, lora_spec(spec)) if spec.lora.enabled else model
+    lora = lora_spec(spec, tokenizer) if spec.lora.enabled else None
+    trained = add_lora(model, lora) if lora else model
     n_trainable, n_total, fraction = trainable_fraction(trained)
     print(f"sft: {'LoRA' if spec.lora.enabled else 'full fine-tuning'}: {n_trainable:,} of {n_total:,} parameters "
           f"train ({fraction:.2%}); {len(examples):,} training conversations, "
@@ -187,7 +195,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
     ctx.run.log_artifact(ctx.build_dir / "comparison.md")
     print(comparison)
 
-    outputs = publish(trained, spec, ctx, tokenizer_json, template)
+    outputs = publish(trained, lora, ctx, tokenizer_json, template)
     outputs["base"] = base
     if any(r.bad for r in read.values()):
         ctx.run.log_dict({name: {"counts": r.bad, "examples": r.bad_examples} for name, r in read.items() if r.bad},
@@ -233,10 +241,10 @@ def comparison_table(metrics: dict[str, float], sources: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def publish(trained, spec: SftConfig, ctx: StageContext, tokenizer_json: Path, template) -> dict:
+def publish(trained, lora: Optional[LoraSpec], ctx: StageContext, tokenizer_json: Path, template) -> dict:
     """The adapter (or the whole model), the tokenizer and its chat template, the kept checkpoints."""
     out = ctx.build_dir
-    if spec.lora.enabled:
+    if lora:
         save_adapter(trained, out / ADAPTER)
         ctx.run.client.log_artifacts(ctx.run.run_id, str(out / ADAPTER), ADAPTER)
         weights = {"adapter": ADAPTER}
@@ -251,4 +259,4 @@ def publish(trained, spec: SftConfig, ctx: StageContext, tokenizer_json: Path, t
         path.replace(kept / path.name)
     return {**weights, "tokenizer": "tokenizer.json", "chat_template": "chat_template.jinja",
             "template": template.name, "checkpoints": sorted(p.name for p in kept.iterdir()),
-            "lora": asdict(lora_spec(spec)) if spec.lora.enabled else None}
+            "lora": asdict(lora) if lora else None}

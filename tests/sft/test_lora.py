@@ -1,4 +1,5 @@
-"""LoRA on our GPT (both blocks) and on a transformers GPT-2: exact at init, only adapters train, merge is exact."""
+"""LoRA on our GPT (both blocks) and on a transformers GPT-2: exact at init, only adapters (and chosen
+embedding rows) train, merge is exact."""
 from __future__ import annotations
 
 import copy
@@ -105,6 +106,47 @@ def test_a_saved_adapter_loads_back_onto_a_fresh_base(kind, tmp_path):
     loaded = load_adapter(fresh, tmp_path / "adapter")
     assert torch.equal(logits(loaded, ids()), logits(model, ids()))
     assert trainable_fraction(loaded)[0] == 0  # loaded for inference unless asked otherwise
+
+
+TOKENS = [3, 97]  # rows of the (tied) embedding trained beside the adapters
+
+
+def embedding(model: nn.Module) -> torch.Tensor:
+    return model.get_input_embeddings().weight.detach().clone()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_trained_token_rows_move_in_the_embedding_and_the_tied_output_layer(kind, tmp_path):
+    base = build(kind)
+    fresh = copy.deepcopy(base)
+    before_logits, before_rows = logits(base, ids()), embedding(base)
+    model = add_lora(base, LoraSpec(tokens=TOKENS))
+    assert torch.equal(logits(model, ids()), before_logits)  # the deltas start at zero
+    train_a_little(model)
+    adapted = logits(model, ids())
+    with model.disable_adapter():
+        assert torch.equal(logits(model, ids()), before_logits)  # the base model, as generations compare
+
+    save_adapter(model, tmp_path / "adapter")
+    assert torch.equal(logits(load_adapter(fresh, tmp_path / "adapter"), ids()), adapted)
+
+    merged = merge(model)
+    assert merged.get_output_embeddings().weight is merged.get_input_embeddings().weight  # still tied
+    rows = embedding(merged)
+    others = [i for i in range(VOCAB) if i not in TOKENS]
+    assert torch.equal(rows[others], before_rows[others])
+    assert not torch.allclose(rows[TOKENS], before_rows[TOKENS], atol=1e-4), "the token rows did not train"
+    # Equal logits with a tied merged model: the adapter's output layer used the trained rows too.
+    torch.testing.assert_close(logits(merged, ids()), adapted, atol=1e-5, rtol=0)
+
+
+def test_token_rows_count_as_trainable_and_must_exist():
+    trainable, _, _ = trainable_fraction(add_lora(build("gpt"), LoraSpec(tokens=TOKENS)))
+    assert trainable == LAYERS * 8 * ((D + 3 * D) + (D + D)) + len(TOKENS) * D
+    with pytest.raises(BadInput, match=r"lora tokens \[100\] are outside this model's vocabulary of 100"):
+        add_lora(build("gpt"), LoraSpec(tokens=[5, 100]))
+    with pytest.raises(BadInput, match="each token id once"):
+        add_lora(build("gpt"), LoraSpec(tokens=[5, 5]))
 
 
 @pytest.mark.parametrize("kind, targets, per_layer", [

@@ -18,12 +18,13 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
+from tokenizers import Tokenizer
 
 from pipeline import PROJECT_ROOT
 from pipeline.contract import execute_stage
 from pipeline.errors import PipelineError
 from pipeline.model.gpt import GPT, ModelConfig, load_model, save_model
-from pipeline.sft.chat import render
+from pipeline.sft.chat import get_template, render
 from pipeline.sft.lora import load_adapter
 from pipeline.stages import load_stage
 from pipeline.tokenizer.build import SpecialTokens, byte_tokenizer
@@ -124,15 +125,20 @@ def test_lora_sft_trains_tracks_and_merges(sft_cfg, base_dir, tmp_path, tracking
     # the base weights under the adapter are the base model's, untouched; the adapter moved
     base = load_model(base_dir)
     tuned = load_adapter(load_model(base_dir), out / manifest["outputs"]["adapter"])
+    originals = dict(base.named_parameters())
     for name, p in tuned.get_base_model().named_parameters():
-        if "lora_" not in name:
-            original = dict(base.named_parameters())[name.replace(".base_layer", "")]
-            assert torch.equal(p, original), name
+        if "lora_" not in name and "trainable_tokens_delta" not in name:
+            assert torch.equal(p, originals[name.replace(".base_layer", "").replace(".token_adapter", "")]), name
     assert any(p.abs().sum() > 0 for n, p in tuned.named_parameters() if "lora_B" in n)
-    # a LoRA checkpoint holds the adapter and the optimizer state, not the frozen base
+    # the chat markers' embedding rows trained too (sft.lora.chat_tokens), and nothing else of the embedding
+    tokenizer = Tokenizer.from_file(str(base_dir / "tokenizer.json"))
+    markers = get_template("chatml").special_tokens
+    assert manifest["outputs"]["lora"]["tokens"] == [tokenizer.token_to_id(t) for t in markers]
+    # a LoRA checkpoint holds the adapter, the marker rows and the optimizer state, not the frozen base
     (ckpt,) = [out / "checkpoints" / c for c in manifest["outputs"]["checkpoints"][-1:]]
     blob = torch.load(ckpt, map_location="cpu", weights_only=False)
-    assert blob["state_dict"] and all("lora_" in k for k in blob["state_dict"])
+    assert blob["state_dict"] and all("lora_" in k or "trainable_tokens_delta" in k for k in blob["state_dict"])
+    assert any("trainable_tokens_delta" in k for k in blob["state_dict"])
     assert blob["optimizer_states"]
 
     # merge: one plain model with the adapter's logits, and a transformers directory that loads offline
@@ -144,6 +150,11 @@ def test_lora_sft_trains_tracks_and_merges(sft_cfg, base_dir, tmp_path, tracking
     with torch.no_grad():
         assert torch.allclose(merged(ids)[0], tuned.eval()(ids)[0], atol=1e-4)
         assert not torch.allclose(merged(ids)[0], base(ids)[0], atol=1e-4)
+    rows = manifest["outputs"]["lora"]["tokens"]
+    others = [i for i in range(base.cfg.vocab_size) if i not in rows]
+    assert torch.equal(merged.tok_emb.weight[others], base.tok_emb.weight[others])
+    assert not torch.allclose(merged.tok_emb.weight[rows], base.tok_emb.weight[rows])
+    assert merged.lm_head.weight is merged.tok_emb.weight
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
