@@ -134,8 +134,8 @@ def _check_tokens(model: nn.Module, tokens: list[int]) -> None:
 
 def add_lora(model: nn.Module, spec: LoraSpec):
     """``model`` with LoRA adapters on ``spec.targets``; everything else frozen, but for the embedding
-    rows of ``spec.tokens`` (peft's trainable tokens: a trained delta per row, and the tied output
-    layer's rows move with it).
+    rows of ``spec.tokens`` (peft's trainable tokens: a trained copy of each row replaces it, in the tied
+    output layer too).
 
     peft injects the adapters into ``model`` in place and returns it wrapped in a PeftModel, which
     is called like ``model`` and offers ``save_pretrained`` and ``merge_and_unload``.

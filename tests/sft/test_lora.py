@@ -13,6 +13,7 @@ from pipeline.errors import BadInput
 from pipeline.model.gpt import GPT, ModelConfig
 from pipeline.sft.lora import (ATTENTION, MLP, LoraSpec, add_lora, default_targets, load_adapter, merge,
                                save_adapter, target_modules, trainable_fraction)
+from pipeline.sft.train import trainable_groups
 
 KINDS = ["gpt", "llama", "hf-gpt2"]  # hf-gpt2: transformers' GPT2LMHeadModel, whose layers are Conv1D
 VOCAB, D, FF, LAYERS = 100, 32, 64, 2
@@ -147,6 +148,17 @@ def test_token_rows_count_as_trainable_and_must_exist():
         add_lora(build("gpt"), LoraSpec(tokens=[5, 100]))
     with pytest.raises(BadInput, match="each token id once"):
         add_lora(build("gpt"), LoraSpec(tokens=[5, 5]))
+
+
+def test_adapter_matrices_decay_but_token_rows_and_biases_do_not():
+    model = add_lora(build("gpt"), LoraSpec(tokens=TOKENS, bias="all"))
+    decay, no_decay = trainable_groups(model, weight_decay=0.1)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["params"] and all("lora_" in names[id(p)] for p in decay["params"])
+    kept = [names[id(p)] for p in no_decay["params"]]
+    assert any("trainable_tokens_delta" in n for n in kept) and any(n.endswith(".bias") for n in kept)
+    assert len(decay["params"]) + len(no_decay["params"]) == sum(p.requires_grad for p in model.parameters())
 
 
 @pytest.mark.parametrize("kind, targets, per_layer", [
