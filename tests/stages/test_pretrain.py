@@ -286,3 +286,26 @@ def test_two_process_ddp_on_cpu_agrees_with_one_process(outputs, tracking_uri, d
         # order of the all-reduce's float sums may flip its sign, so compare most weights, not every one.
         close = torch.isclose(a, b, atol=1e-6, rtol=1e-4).float().mean()
         assert close > 0.99, f"{name}: only {close:.1%} of the weights agree after two steps"
+
+
+def test_merge_refuses_an_adapter_whose_base_stage_was_rebuilt(outputs, tracking_uri, experiment, data_dir, tmp_path):
+    """sft trains on pretrain's model; pretrain is rebuilt; merging the old adapter onto the new model is refused."""
+    (tmp_path / "demo").mkdir()
+    os.symlink(outputs / "demo" / "tokenize", tmp_path / "demo" / "tokenize")  # the shared tokenize output
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        sources = [f"~sft.sources.{name}" for name in compose("config").sft.sources]
+    seed_tasks = data_dir / "instruct" / "self_instruct" / "seed_tasks.jsonl"
+    sft = ["sft.init.stage=pretrain", *sources, f"+sft.sources.seed={{format: self_instruct, path: {seed_tasks}}}",
+           "sft.val_fraction=0.2", "sft.max_steps=2", "sft.micro_batch_size=4", "sft.eval_every_steps=2",
+           "sft.ckpt_every_steps=2", "sft.optim.warmup_steps=1", "sft.generate.per_source=1",
+           "sft.generate.max_new_tokens=2", "pretrain.max_steps=4", "pretrain.eval_every_steps=4",
+           "pretrain.ckpt_every_steps=4", "pretrain.sample_every_steps=0", f"paths.outputs_dir={tmp_path}"]
+    cfg = _compose(outputs, tracking_uri, experiment, data_dir, *sft)
+    for stage in ("pretrain", "sft", "merge"):
+        execute_stage(stage, load_stage(stage), cfg)
+    assert (tmp_path / "demo" / "merge" / "model.pt").is_file()
+
+    rebuilt = _compose(outputs, tracking_uri, experiment, data_dir, *sft, "pretrain.max_steps=5")
+    execute_stage("pretrain", load_stage("pretrain"), rebuilt)
+    with pytest.raises(PipelineError, match="pretrain was rebuilt after sft trained its adapter on it: run 'make sft' again"):
+        execute_stage("merge", load_stage("merge"), rebuilt)
