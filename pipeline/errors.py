@@ -26,3 +26,21 @@ class StageKilled(BaseException):
     def __init__(self, signal_name: str):
         super().__init__(f"killed by {signal_name}")
         self.signal_name = signal_name
+
+
+class ConfigError(PipelineError):
+    """A config value out of range, raised by a dataclass's ``__post_init__``.
+
+    ``key`` is relative to that dataclass (``rank``, ``sources.web.path``); ``pipeline.config.load``
+    adds the section's prefix, so the message names the full key (``sft.lora.rank``).
+    """
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"config key '{key}' {problem}")
+        self.key, self.problem = key, problem
+
+
+def check(ok: bool, key: str, value, expected: str) -> None:
+    """Raise a ConfigError for ``key`` unless ``ok``: ``config key 'rank' is 0; it must be at least 1``."""
+    if not ok:
+        raise ConfigError(key, f"is {value!r}; it must be {expected}")
