@@ -43,7 +43,7 @@ def _task(cfg) -> None:
     from hydra.errors import CompactHydraException
     from hydra.types import RunMode
 
-    from pipeline.config import validate
+    from pipeline.config import load
     from pipeline.contract import execute_stage
     from pipeline.errors import PipelineError
     from pipeline.stages import load_stage
@@ -59,8 +59,7 @@ def _task(cfg) -> None:
         tags = {"overrides": hc.job.override_dirname, "sweep_job": str(hc.job.num),
                 "sweep_overrides": json.dumps(list(hc.overrides.task))}
     try:
-        validate(cfg)
-        execute_stage(stage, load_stage(stage), cfg, out_dir=out_dir,
+        execute_stage(stage, load_stage(stage), load(cfg), out_dir=out_dir,
                       parent_run_id=os.environ.get(PARENT_RUN_ENV), run_name=run_name, extra_tags=tags)
     except PipelineError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":

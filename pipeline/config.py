@@ -1,29 +1,56 @@
-"""Structured-config schema of conf/: misspelled or mistyped keys fail when the config is composed.
+"""The run's configuration: one typed object, built once from the composed Hydra config.
 
-The dataclasses that feed a library function live beside it (``SourceSpec``, ``TokenizerSpec``);
-this module assembles them into the root schema and registers it with Hydra's ConfigStore.
+The dataclasses are the one source of defaults (conf/*.yaml set only what differs) and check their own
+values in ``__post_init__`` (``pipeline.errors.check``); the ones that feed a library function live
+beside it (``SourceSpec``, ``TokenizerSpec``, ``NearSpec``), the stage sections are assembled here.
+``load`` turns a composed config into a ``RootConfig``, naming the full key of any bad value.
 """
-from dataclasses import dataclass, field
+from __future__ import annotations
+
+from dataclasses import dataclass, field, is_dataclass
+from enum import Enum, StrEnum
 from typing import Any, Dict, List, Optional, Type, TypeVar
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import PROJECT_ROOT
-from pipeline.data.sources import SourceSpec
+from pipeline.data.sources import SourceSpec, StageOrPath
 from pipeline.dedup.evaluate import EvalSpec
-from pipeline.dedup.minhash import INDEX_BACKENDS, VERIFY
-from pipeline.dedup.run import KEEP_POLICIES, URL_POLICIES, DedupSpec
-from pipeline.dedup.text import SHINGLE_KINDS
-from pipeline.filter.extract import ENGINES
+from pipeline.dedup.run import DedupSpec
+from pipeline.errors import ConfigError, PipelineError, check, choice
 from pipeline.filter.run import CrawlSource
 from pipeline.filter.steps import StepsSpec
-from pipeline.model.gpt import BLOCKS, ModelConfig
-from pipeline.sft.chat import TEMPLATES
-from pipeline.sft.lora import BIASES
+from pipeline.model.gpt import ModelConfig
+from pipeline.sft.chat import Template
+from pipeline.sft.lora import LoraSpec
 from pipeline.tokenizer.build import TokenizerSpec
-from pipeline.train.module import SCHEDULES
 from pipeline.train.run import TrainerSpec, TrainSpec
+
+CONF_DIR = PROJECT_ROOT / "conf"
+T = TypeVar("T")
+
+
+def entries(values: Dict[str, Any], schema: Type[T], key: str) -> Dict[str, T]:
+    """A free-form map's values as ``schema`` dataclasses; a bad entry names its key (``web.path``).
+
+    Such maps are typed ``Dict[str, Any]`` in the schema so that ``+tokenize.sources.NAME.path=...``
+    can add an entry on the command line (OmegaConf cannot append to a map of dataclasses).
+    """
+    out = {}
+    for name, value in values.items():
+        if isinstance(value, schema):
+            out[name] = value
+            continue
+        try:
+            out[name] = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), value))
+        except OmegaConfBaseException as e:
+            inner = getattr(e, "full_key", None)
+            raise ConfigError(f"{key}.{name}{'.' + inner if inner else ''}", f"is invalid: {str(e).splitlines()[0]}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{key}.{name}{'.' + e.key if e.key else ''}", e.problem) from None
+    return out
 
 
 @dataclass
@@ -45,36 +72,44 @@ class TrackingConfig:
 class FilterConfig(StepsSpec):
     """The filter stage: its sources and pool, plus every step's settings (StepsSpec, conf/filter/<step>.yaml)."""
 
-    # name -> CrawlSource, typed as Any for the same reason as tokenize.sources; validate() checks them.
-    sources: Dict[str, Any] = field(default_factory=dict)
+    sources: Dict[str, Any] = field(default_factory=dict)  # name -> CrawlSource
     num_proc: int = 2  # worker processes; files are grouped into tasks of similar size
     samples_per_rule: int = 20  # rejected documents per rule kept as an MLflow artifact
 
-
-@dataclass
-class DedupInput:
-    stage: Optional[str] = "filter"  # an upstream stage whose kept/*.parquet to read ...
-    path: Optional[str] = None  # ... or Parquet/JSONL files with a 'text' column
+    def __post_init__(self):
+        if hasattr(super(), "__post_init__"):
+            super().__post_init__()
+        self.sources = entries(self.sources, CrawlSource, "sources")
+        check(self.num_proc >= 1, "num_proc", self.num_proc, "at least 1")
+        check(self.samples_per_rule >= 0, "samples_per_rule", self.samples_per_rule, "at least 0")
 
 
 @dataclass
 class DedupConfig(DedupSpec):
     """The dedup stage: its input and shards, the levels (DedupSpec, conf/dedup/<level>.yaml), the evaluation."""
 
-    input: DedupInput = field(default_factory=DedupInput)
+    input: StageOrPath = field(default_factory=lambda: StageOrPath(stage="filter"))  # path: Parquet/JSONL with 'text'
     rows_per_shard: int = 100000
     eval: EvalSpec = field(default_factory=EvalSpec)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.rows_per_shard >= 1, "rows_per_shard", self.rows_per_shard, "at least 1")
 
 
 @dataclass
 class TokenizeConfig:
-    # name -> SourceSpec. Typed as Any so `+tokenize.sources.NAME={path: ...}` works on the command line
-    # (OmegaConf cannot append to a Dict of dataclasses); validate() checks each entry against SourceSpec.
-    sources: Dict[str, Any] = field(default_factory=dict)
+    sources: Dict[str, Any] = field(default_factory=dict)  # name -> SourceSpec
     val_fraction: float = 0.01  # share of documents (by hash of their text) held out for validation
     num_proc: int = 2  # processes for encoding
     batch_size: int = 5000  # documents per encode batch
     max_shard_tokens: int = 2**27  # a new shard file starts past this many tokens
+
+    def __post_init__(self):
+        self.sources = entries(self.sources, SourceSpec, "sources")
+        check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "in [0, 1)")
+        for key in ("num_proc", "batch_size", "max_shard_tokens"):
+            check(getattr(self, key) >= 1, key, getattr(self, key), "at least 1")
 
 
 @dataclass
@@ -83,16 +118,16 @@ class PretrainConfig(TrainSpec):
 
 
 @dataclass
-class CptInit:
-    stage: Optional[str] = "pretrain"  # a training stage whose model.pt to continue ...
-    path: Optional[str] = None  # ... or a transformers causal-LM directory
-
-
-@dataclass
 class CptConfig(PretrainConfig):
-    init: CptInit = field(default_factory=CptInit)
-    sources: Dict[str, Any] = field(default_factory=dict)  # the domain corpus, as tokenize.sources
+    # stage: a training stage whose model to continue; path: a model directory, a .ckpt or a transformers directory
+    init: StageOrPath = field(default_factory=lambda: StageOrPath(stage="pretrain"))
+    sources: Dict[str, Any] = field(default_factory=dict)  # the domain corpus: name -> SourceSpec
     val_fraction: float = 0.05
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.sources = entries(self.sources, SourceSpec, "sources")
+        check(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "in (0, 1)")
 
 
 @dataclass
@@ -106,13 +141,10 @@ class SftSource:
 
 
 @dataclass
-class SftLora:
+class SftLora(LoraSpec):
+    """LoraSpec's adapter settings (the defaults are LoraSpec's), plus what the sft stage decides around it."""
+
     enabled: bool = True  # false: full fine-tuning (every weight trains)
-    rank: int = 8
-    alpha: float = 16
-    dropout: float = 0.0  # > 0 also keeps a dropped copy of each adapted layer's input for backward
-    targets: List[str] = field(default_factory=lambda: ["attn.qkv", "attn.proj"])  # add mlp.up, mlp.down for the MLP
-    bias: str = "none"  # none | all | lora_only
     chat_tokens: bool = True  # the chat template's markers' embedding rows train too (peft trainable tokens)
 
 
@@ -122,13 +154,17 @@ class SftGenerate:
     max_new_tokens: int = 48
     show: int = 20  # examples side by side in generations.md
 
+    def __post_init__(self):
+        check(self.per_source >= 0, "per_source", self.per_source, "at least 0")
+        check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "at least 1")
+
 
 @dataclass
 class SftConfig(TrainSpec):
-    init: CptInit = field(default_factory=lambda: CptInit(stage="cpt"))  # stage, or path: a model directory,
-    # a Lightning .ckpt or a transformers causal-LM directory
-    template: str = "chatml"  # chatml | llama2 (pipeline/sft/chat.py)
-    sources: Dict[str, Any] = field(default_factory=dict)  # name -> SftSource; typed as Any like tokenize.sources
+    # stage: a training stage whose model to tune; path: a model directory, a .ckpt or a transformers directory
+    init: StageOrPath = field(default_factory=lambda: StageOrPath(stage="cpt"))
+    template: Template = Template.chatml  # pipeline/sft/chat.py
+    sources: Dict[str, Any] = field(default_factory=dict)  # name -> SftSource
     val_fraction: float = 0.05  # per source, by hash of the conversation's text
     val_max_per_source: int = 64  # held-out conversations scored for the held-out loss
     max_tokens: Optional[int] = None  # longer conversations are cut (or dropped); None: the model's context
@@ -137,11 +173,13 @@ class SftConfig(TrainSpec):
     lora: SftLora = field(default_factory=SftLora)
     generate: SftGenerate = field(default_factory=SftGenerate)
 
-
-@dataclass
-class EvalModel:
-    stage: Optional[str] = None  # a training stage whose model.pt to evaluate ...
-    path: Optional[str] = None  # ... or a transformers directory, a stage directory or a checkpoint (.ckpt)
+    def __post_init__(self):
+        super().__post_init__()
+        self.template = choice(Template, self.template, "template")
+        self.sources = entries(self.sources, SftSource, "sources")
+        check(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "in (0, 1)")
+        check(self.val_max_per_source >= 1, "val_max_per_source", self.val_max_per_source, "at least 1")
+        check(self.max_tokens is None or self.max_tokens >= 2, "max_tokens", self.max_tokens, "at least 2 or null")
 
 
 @dataclass
@@ -162,18 +200,38 @@ class PromptTaskConfig:
     limit: Optional[int] = None  # the first N examples
 
 
+class Device(StrEnum):
+    auto = "auto"  # cuda when there is one
+    cpu = "cpu"
+    cuda = "cuda"
+
+
 @dataclass
 class EvaluateConfig:
-    # name -> EvalModel, and name -> SourceSpec where `stage` means that stage's held-out documents
-    # (tokenize: the pretraining corpus, cpt: the domain corpus). Typed as Any like tokenize.sources.
+    # name -> StageOrPath (a training stage's model, or a transformers directory, a stage directory or a .ckpt)
     models: Dict[str, Any] = field(default_factory=dict)
+    # name -> SourceSpec, where `stage` means that stage's held-out documents (tokenize: the pretraining
+    # corpus, cpt: the domain corpus)
     sets: Dict[str, Any] = field(default_factory=dict)
     tasks: Dict[str, Any] = field(default_factory=dict)  # name -> PromptTaskConfig (prompting evaluation)
     stride: Optional[int] = None  # tokens between window starts; None: half the model's context
     batch_size: int = 16  # windows per forward pass
     prefix_token: Optional[str] = None  # token before each document; None: tokenizer.special_tokens.eos
     context: Optional[int] = None  # transformers models: window length; None: the model's maximum
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = Device.auto
+
+    def __post_init__(self):
+        self.models = entries(self.models, StageOrPath, "models")
+        self.sets = entries(self.sets, SourceSpec, "sets")
+        self.tasks = entries(self.tasks, PromptTaskConfig, "tasks")
+        self.device = choice(Device, self.device, "device")
+        check(self.stride is None or self.stride >= 1, "stride", self.stride, "at least 1 or null")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
+
+
+class Law(StrEnum):
+    kaplan = "kaplan"  # L(N), L(D), L(C) power laws
+    chinchilla = "chinchilla"  # L(N, D) = E + A/N^alpha + B/D^beta
 
 
 @dataclass
@@ -182,11 +240,19 @@ class ScalingConfig:
     stage: str = "pretrain"
     csv: Optional[str] = None  # instead of a sweep: a CSV with columns N, D and/or C, loss
     loss_metric: str = "val/loss"
-    laws: List[str] = field(default_factory=lambda: ["kaplan", "chinchilla"])
+    laws: List[Law] = field(default_factory=lambda: [Law.kaplan, Law.chinchilla])
     bootstrap_reps: int = 200
     confidence: float = 0.95
     budgets: List[float] = field(default_factory=list)  # FLOPs; empty: 10x and 100x the largest run
     huber_delta: float = 1e-3
+
+    def __post_init__(self):
+        check(bool(self.laws), "laws", self.laws, "a non-empty list of kaplan, chinchilla")
+        self.laws = [choice(Law, law, "laws") for law in self.laws]
+        check(self.bootstrap_reps >= 0, "bootstrap_reps", self.bootstrap_reps, "at least 0")
+        check(0 < self.confidence < 1, "confidence", self.confidence, "in (0, 1)")
+        check(all(b > 0 for b in self.budgets), "budgets", self.budgets, "positive FLOP counts")
+        check(self.huber_delta > 0, "huber_delta", self.huber_delta, "positive")
 
 
 @dataclass
@@ -208,110 +274,56 @@ class RootConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
 
 
-T = TypeVar("T")
+def _section_of(node: DictConfig, prefix: str = "") -> str:
+    """The key of the innermost dataclass in ``node`` whose construction fails (only called on a failure)."""
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and child._metadata.object_type not in (None, dict):
+            try:
+                OmegaConf.to_object(child)
+            except ConfigError:
+                return _section_of(child, f"{prefix}{key}.")
+    return prefix
 
 
-def typed(node: Any, schema: Type[T], key: str) -> T:
-    """A config node as a ``schema`` dataclass; a bad key or value names ``key``."""
-    from omegaconf.errors import OmegaConfBaseException
+def load(cfg: DictConfig) -> RootConfig:
+    """The composed config as one typed RootConfig; an unknown key or a bad value raises a PipelineError naming it.
 
-    from pipeline.errors import PipelineError
-
-    try:
-        values = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
-    except OmegaConfBaseException as e:
-        inner = getattr(e, "full_key", None)
-        raise PipelineError(f"config key '{key}{'.' + inner if inner else ''}': {str(e).splitlines()[0]}") from None
-
-
-def validate(cfg) -> None:
-    """Check a composed config against the schema again.
-
-    Hydra's ``+key=value`` opens the struct flag to append, which would let a misspelled key in.
+    The merge against the schema is repeated because Hydra's ``+key=value`` opens the struct flag to
+    append, which would let a misspelled key in.
     """
-    from omegaconf.errors import OmegaConfBaseException
-
-    from pipeline.errors import PipelineError
-
     try:
-        OmegaConf.merge(OmegaConf.structured(RootConfig), OmegaConf.to_container(cfg, resolve=False))
+        merged = OmegaConf.merge(OmegaConf.structured(RootConfig), OmegaConf.to_container(cfg, resolve=False))
+        return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         raise PipelineError(f"config key '{key}': {str(e).splitlines()[0]}") from None
-    free_form = {"tokenize.sources": SourceSpec, "filter.sources": CrawlSource, "cpt.sources": SourceSpec,
-                 "sft.sources": SftSource,
-                 "evaluate.models": EvalModel, "evaluate.sets": SourceSpec, "evaluate.tasks": PromptTaskConfig}
-    for key, schema in free_form.items():  # maps typed as Any (see TokenizeConfig.sources): check each entry
-        for name, node in OmegaConf.select(cfg, key).items():
-            typed(node, schema, f"{key}.{name}")
-    m = cfg.model
-    checks = [("model.block", m.block in BLOCKS, f"one of {', '.join(BLOCKS)}"),
-              ("model.n_layer", m.n_layer >= 1, "at least 1"),
-              ("model.n_head", m.n_head >= 1 and m.d_model % m.n_head == 0, "at least 1 and divide model.d_model"),
-              ("model.context", m.context >= 2, "at least 2"),
-              ("model.dropout", 0 <= m.dropout < 1, "in [0, 1)"),
-              ("cpt.val_fraction", 0 < cfg.cpt.val_fraction < 1, "in (0, 1)"),
-              ("sft.val_fraction", 0 < cfg.sft.val_fraction < 1, "in (0, 1)"),
-              ("sft.val_max_per_source", cfg.sft.val_max_per_source >= 1, "at least 1"),
-              ("sft.max_tokens", cfg.sft.max_tokens is None or cfg.sft.max_tokens >= 2, "at least 2 or null"),
-              ("sft.template", cfg.sft.template in TEMPLATES, f"one of {', '.join(TEMPLATES)}"),
-              ("sft.lora.bias", cfg.sft.lora.bias in BIASES, f"one of {', '.join(BIASES)}"),
-              ("sft.lora.rank", cfg.sft.lora.rank >= 1, "at least 1"),
-              ("sft.lora.dropout", 0 <= cfg.sft.lora.dropout < 1, "in [0, 1)"),
-              ("sft.generate.per_source", cfg.sft.generate.per_source >= 0, "at least 0"),
-              ("sft.generate.max_new_tokens", cfg.sft.generate.max_new_tokens >= 1, "at least 1"),
-              ("evaluate.stride", cfg.evaluate.stride is None or cfg.evaluate.stride >= 1, "at least 1 or null"),
-              ("evaluate.batch_size", cfg.evaluate.batch_size >= 1, "at least 1"),
-              ("scaling.laws", bool(cfg.scaling.laws) and set(cfg.scaling.laws) <= {"kaplan", "chinchilla"},
-               "a non-empty list of kaplan, chinchilla"),
-              ("scaling.bootstrap_reps", cfg.scaling.bootstrap_reps >= 0, "at least 0"),
-              ("scaling.confidence", 0 < cfg.scaling.confidence < 1, "in (0, 1)"),
-              ("scaling.budgets", all(b > 0 for b in cfg.scaling.budgets), "positive FLOP counts"),
-              ("scaling.huber_delta", cfg.scaling.huber_delta > 0, "positive")]
-    for stage in ("pretrain", "cpt", "sft"):
-        t = cfg[stage]
-        checks += [(f"{stage}.max_steps", t.max_steps >= 1, "at least 1"),
-                   (f"{stage}.micro_batch_size", t.micro_batch_size >= 1, "at least 1"),
-                   (f"{stage}.grad_accum", t.grad_accum >= 1, "at least 1"),
-                   (f"{stage}.grad_clip", t.grad_clip >= 0, "at least 0 (0: off)"),
-                   (f"{stage}.eval_every_steps", t.eval_every_steps >= 1, "at least 1"),
-                   (f"{stage}.eval_windows", t.eval_windows >= 1, "at least 1"),
-                   (f"{stage}.ckpt_every_steps", t.ckpt_every_steps >= 0, "at least 0 (0: only at the end)"),
-                   (f"{stage}.optim.lr", t.optim.lr > 0, "positive"),
-                   (f"{stage}.optim.warmup_steps", t.optim.warmup_steps >= 0, "at least 0"),
-                   (f"{stage}.optim.min_lr_ratio", 0 <= t.optim.min_lr_ratio <= 1, "in [0, 1]"),
-                   (f"{stage}.optim.schedule", t.optim.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}")]
-    for key, ok, expected in checks:
-        if not ok:
-            raise PipelineError(f"config key '{key}' is {OmegaConf.select(cfg, key)}; it must be {expected}")
-    checks = [("tokenize.val_fraction", 0 <= cfg.tokenize.val_fraction < 1, "in [0, 1)"),
-              ("tokenize.num_proc", cfg.tokenize.num_proc >= 1, "at least 1"),
-              ("tokenize.batch_size", cfg.tokenize.batch_size >= 1, "at least 1"),
-              ("tokenize.max_shard_tokens", cfg.tokenize.max_shard_tokens >= 1, "at least 1"),
-              ("tokenizer.vocab_size", cfg.tokenizer.vocab_size >= 1, "at least 1"),
-              ("filter.num_proc", cfg.filter.num_proc >= 1, "at least 1"),
-              ("filter.samples_per_rule", cfg.filter.samples_per_rule >= 0, "at least 0"),
-              ("filter.langid.min_score", 0 <= cfg.filter.langid.min_score <= 1, "in [0, 1]"),
-              ("filter.extract.engine", cfg.filter.extract.engine in ENGINES, f"one of {', '.join(ENGINES)}"),
-              ("dedup.keep", cfg.dedup.keep in KEEP_POLICIES, f"one of {', '.join(KEEP_POLICIES)}"),
-              ("dedup.url.keep", cfg.dedup.url.keep in URL_POLICIES, f"one of {', '.join(URL_POLICIES)}"),
-              ("dedup.near.threshold", 0 < cfg.dedup.near.threshold <= 1, "in (0, 1]"),
-              ("dedup.near.num_perm", cfg.dedup.near.num_perm >= 2, "at least 2"),
-              ("dedup.near.num_proc", cfg.dedup.near.num_proc >= 1, "at least 1"),
-              ("dedup.near.shingles.n", cfg.dedup.near.shingles.n >= 1, "at least 1"),
-              ("dedup.near.shingles.kind", cfg.dedup.near.shingles.kind in SHINGLE_KINDS,
-               f"one of {', '.join(SHINGLE_KINDS)}"),
-              ("dedup.near.verify", cfg.dedup.near.verify in VERIFY, f"one of {', '.join(VERIFY)}"),
-              ("dedup.near.index.backend", cfg.dedup.near.index.backend in INDEX_BACKENDS,
-               f"one of {', '.join(INDEX_BACKENDS)}"),
-              ("dedup.near.index.workers", cfg.dedup.near.index.workers >= 1, "at least 1"),
-              ("dedup.lines.min_documents", cfg.dedup.lines.min_documents >= 2, "at least 2"),
-              ("dedup.rows_per_shard", cfg.dedup.rows_per_shard >= 1, "at least 1"),
-              ("dedup.eval.max_docs", cfg.dedup.eval.max_docs >= 2, "at least 2")]
-    for key, ok, expected in checks:
-        if not ok:
-            raise PipelineError(f"config key '{key}' is {OmegaConf.select(cfg, key)}; it must be {expected}")
+    except ConfigError as e:
+        prefix = _section_of(merged)
+        key = f"{prefix}{e.key}" if e.key else prefix.rstrip(".")
+        raise PipelineError(f"config key '{key}' {e.problem}") from None
+
+
+def compose(*overrides: str) -> RootConfig:
+    """The real config (conf/, the demo preset unless ``experiment=`` says otherwise) with ``overrides``, typed."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return load(hydra_compose("config", overrides=list(overrides)))
+
+
+def as_plain(obj: Any) -> Any:
+    """A config object as plain dicts, lists and strings (for hashing, params and manifests)."""
+    if is_dataclass(obj):
+        return {f: as_plain(getattr(obj, f)) for f in obj.__dataclass_fields__}
+    if isinstance(obj, dict):
+        return {k: as_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [as_plain(v) for v in obj]
+    if isinstance(obj, Enum):
+        return obj.value
+    return obj
 
 
 def register() -> None:

@@ -1,9 +1,11 @@
 """The stage contract: declared inputs, build aside then rename, manifest last, one tracked run.
 
 A stage module provides
-    SECTIONS  the config keys that define its output (hashed, logged as params),
+    SECTIONS  the top-level config sections it reads: they alone define its output (hashed),
     upstream(cfg) -> list of upstream stage names it reads,
     run(cfg, ctx) -> StageResult, writing only into ctx.build_dir,
+where ``cfg`` is a ``StageConfig``: the typed sections named in SECTIONS and nothing else, so a stage
+cannot read a key its config hash does not cover.
 and optionally RESUMABLE = True: it checkpoints into ctx.checkpoint_dir, which outlives a failed or
 killed execution; the next execution with the same config hash resumes there, in the same MLflow run.
 """
@@ -27,6 +29,7 @@ from typing import Any, Iterator, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import PROJECT_ROOT
+from pipeline.config import RootConfig, as_plain, load
 from pipeline.errors import BadInput, MissingUpstream, PipelineError
 from pipeline.tracking import StageRun, TrackingSettings, flatten, stage_run
 
@@ -64,6 +67,23 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, Any] = field(default_factory=dict)  # stage-specific index of what it wrote
     step: int = 0  # the MLflow step of ``metrics`` (a training stage's last step)
+
+
+class StageConfig:
+    """The sections of the run's config that a stage declared in SECTIONS, as attributes."""
+
+    def __init__(self, stage: str, root: RootConfig, sections: tuple[str, ...]):
+        self._stage = stage
+        for key in sections:
+            setattr(self, key, getattr(root, key))
+
+    def __getattr__(self, name: str):
+        raise AttributeError(f"the {self._stage} stage reads config section '{name}' but does not list it in its "
+                             f"SECTIONS, so its config hash would not cover it")
+
+
+def stage_config(stage: str, module: ModuleType, root: RootConfig) -> StageConfig:
+    return StageConfig(stage, root, tuple(module.SECTIONS))
 
 
 def stage_dir(outputs_dir: Path, experiment: str, stage: str) -> Path:
@@ -166,7 +186,7 @@ def write_manifest(directory: Path, manifest: dict) -> Path:
     return write_json(Path(directory) / MANIFEST, manifest)
 
 
-def tracking_settings(cfg: DictConfig) -> TrackingSettings:
+def tracking_settings(cfg: RootConfig) -> TrackingSettings:
     return TrackingSettings(uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
                             artifact_location=cfg.tracking.artifact_location)
 
@@ -209,32 +229,35 @@ class NullRun:
         return lambda *args, **kwargs: None
 
 
-def execute_worker_rank(module: ModuleType, cfg: DictConfig, final_dir: Path, rank: int) -> None:
+def execute_worker_rank(module: ModuleType, cfg: RootConfig, section: StageConfig, final_dir: Path,
+                        rank: int) -> None:
     """Run a stage as rank ``rank`` of a distributed job: same inputs and checkpoints, no outputs of its own."""
     import tempfile
 
     outputs_dir = Path(cfg.paths.outputs_dir)
-    inputs = {name: read_upstream(outputs_dir, cfg.name, name) for name in module.upstream(cfg)}
+    inputs = {name: read_upstream(outputs_dir, cfg.name, name) for name in module.upstream(section)}
     with tempfile.TemporaryDirectory(prefix=f"rank{rank}-") as scratch:
         ctx = StageContext(build_dir=Path(scratch), inputs=inputs, run=NullRun(), cache_dir=Path(cfg.paths.cache_dir),
                            checkpoint_dir=checkpoint_dir_for(final_dir), rank=rank)
-        module.run(cfg, ctx)
+        module.run(section, ctx)
 
 
-def execute_stage(stage: str, module: ModuleType, cfg: DictConfig, out_dir: Optional[Path] = None,
+def execute_stage(stage: str, module: ModuleType, cfg: RootConfig | DictConfig, out_dir: Optional[Path] = None,
                   parent_run_id: Optional[str] = None, run_name: Optional[str] = None,
                   extra_tags: Optional[dict[str, str]] = None) -> dict:
-    """Run one stage under the contract and return its manifest."""
+    """Run one stage under the contract and return its manifest (``cfg`` composed, or already loaded)."""
     started = time.time()
+    if isinstance(cfg, DictConfig):
+        cfg = load(cfg)
+    section = stage_config(stage, module, cfg)
     outputs_dir = Path(cfg.paths.outputs_dir)
     final_dir = Path(out_dir) if out_dir else stage_dir(outputs_dir, cfg.name, stage)
     rank = distributed_rank()
     if rank:
-        execute_worker_rank(module, cfg, final_dir, rank)
+        execute_worker_rank(module, cfg, section, final_dir, rank)
         return {}
-    sections = {key: OmegaConf.to_container(cfg[key], resolve=True, enum_to_str=True)
-                if OmegaConf.is_config(cfg[key]) else cfg[key] for key in module.SECTIONS}
-    inputs = {name: read_upstream(outputs_dir, cfg.name, name) for name in module.upstream(cfg)}
+    sections = {key: as_plain(getattr(cfg, key)) for key in module.SECTIONS}
+    inputs = {name: read_upstream(outputs_dir, cfg.name, name) for name in module.upstream(section)}
     chash = config_hash({"config": sections, "inputs": {n: u.hash for n, u in inputs.items()}})
     commit = git_commit()
     tags = {"stage": stage, "config_hash": chash, "git_commit": commit, "mlflow.source.git.commit": commit,
@@ -248,7 +271,7 @@ def execute_stage(stage: str, module: ModuleType, cfg: DictConfig, out_dir: Opti
         with stage_lock(final_dir, stage):
             resume_id = resumable_run(ckpt_dir, chash) if resumable else None
             with stage_run(tracking_settings(cfg), run_name=run_name or stage, tags=tags,
-                           params=flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)),
+                           params=flatten(as_plain(cfg)),
                            parent_run_id=parent_run_id, resume_run_id=resume_id) as run:
                 if resumable:
                     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -256,9 +279,9 @@ def execute_stage(stage: str, module: ModuleType, cfg: DictConfig, out_dir: Opti
                 if resume_id:
                     print(f"{stage}: resuming MLflow run {resume_id} from {_shown(ckpt_dir)}", flush=True)
                 else:
-                    run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+                    run.log_text(OmegaConf.to_yaml(as_plain(cfg)), "config.yaml")
                 deferred = True  # _build blocks signals once the manifest is written
-                _build(stage, module, cfg, final_dir, inputs, run, ckpt_dir, resume_id is not None, chash, commit,
+                _build(stage, module, cfg, section, final_dir, inputs, run, ckpt_dir, resume_id is not None, chash, commit,
                        started, sections)
             if resumable:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -268,14 +291,14 @@ def execute_stage(stage: str, module: ModuleType, cfg: DictConfig, out_dir: Opti
     return json.loads((final_dir / MANIFEST).read_text())
 
 
-def _build(stage: str, module: ModuleType, cfg: DictConfig, final_dir: Path, inputs: dict[str, Upstream],
+def _build(stage: str, module: ModuleType, cfg: RootConfig, section: StageConfig, final_dir: Path, inputs: dict[str, Upstream],
            run: StageRun, ckpt_dir: Optional[Path], resumed: bool, chash: str, commit: str, started: float,
            sections: dict) -> None:
     """Run the stage into a build directory, write its manifest last, then block signals for the swap."""
     with building(final_dir) as build_dir:
         ctx = StageContext(build_dir=build_dir, inputs=inputs, run=run, cache_dir=Path(cfg.paths.cache_dir),
                            checkpoint_dir=ckpt_dir, resumed=resumed)
-        result = module.run(cfg, ctx)
+        result = module.run(section, ctx)
         run.log_metrics(result.metrics, step=result.step)
         manifest = {
             "stage": stage,

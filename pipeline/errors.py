@@ -44,3 +44,11 @@ def check(ok: bool, key: str, value, expected: str) -> None:
     """Raise a ConfigError for ``key`` unless ``ok``: ``config key 'rank' is 0; it must be at least 1``."""
     if not ok:
         raise ConfigError(key, f"is {value!r}; it must be {expected}")
+
+
+def choice(kind, value, key: str):
+    """``value`` as a member of the enum ``kind`` (a string from code or a test is accepted), or a ConfigError."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise ConfigError(key, f"is {value!r}; it must be one of {', '.join(m.value for m in kind)}") from None

@@ -8,10 +8,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-
 from pipeline import PROJECT_ROOT
-from pipeline import config as _config  # noqa: F401  registers the schema and ${root:}
+from pipeline.config import compose
 
 CONF_DIR = str(PROJECT_ROOT / "conf")
 
@@ -73,18 +71,17 @@ def tiny_filter_overrides() -> list[str]:
 
 @pytest.fixture
 def make_cfg(tmp_path, tracking_uri, experiment, data_dir):
-    """Compose the real config (demo preset) with test outputs, store and overrides."""
+    """The real config (demo preset, typed) with test outputs, store and overrides."""
 
     def _compose(*overrides: str, outputs_dir: Path | None = None):
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return compose("config", overrides=[
-                f"paths.outputs_dir={outputs_dir or tmp_path / 'outputs'}",
-                f"tracking.uri={tracking_uri}",
-                f"tracking.experiment={experiment}",
-                *tiny_tokenize_overrides(data_dir),
-                "tokenizer.vocab_size=512",
-                *overrides,
-            ])
+        return compose(
+            f"paths.outputs_dir={outputs_dir or tmp_path / 'outputs'}",
+            f"tracking.uri={tracking_uri}",
+            f"tracking.experiment={experiment}",
+            *tiny_tokenize_overrides(data_dir),
+            "tokenizer.vocab_size=512",
+            *overrides,
+        )
 
     return _compose
 

@@ -5,6 +5,7 @@ import glob
 import json
 import os
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
@@ -12,25 +13,50 @@ import datasets
 import fsspec
 import numpy as np
 
-from pipeline.errors import BadInput
+from pipeline.errors import BadInput, ConfigError, choice
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text",
            ".md": "text", ".rst": "text"}
 COMPRESSION = (".gz", ".bz2", ".xz")
-SAMPLE_BY = ("line", "paragraph", "document")
+
+
+class SampleBy(StrEnum):
+    """How a text file splits into documents."""
+
+    line = "line"
+    paragraph = "paragraph"
+    document = "document"  # the whole file
+
+
+SAMPLE_BY = tuple(SampleBy)
 
 
 @dataclass
-class SourceSpec:
-    """One named text source. Exactly one of ``path`` and ``stage`` is set."""
+class StageOrPath:
+    """An input: an upstream stage's output, or files (a file, a directory or a glob) of one's own."""
 
-    path: Optional[str] = None  # a file, a directory or a glob pattern
-    stage: Optional[str] = None  # an upstream stage whose kept documents (kept/*.parquet) to read
+    stage: Optional[str] = None
+    path: Optional[str] = None
+
+    def __post_init__(self):
+        if (self.stage is None) == (self.path is None):
+            raise ConfigError("", f"sets {'both' if self.stage else 'neither'} of 'stage' and 'path'; set exactly one "
+                                  f"('stage: <upstream stage>' or 'path: <your files>')")
+
+
+@dataclass
+class SourceSpec(StageOrPath):
+    """One named text source: ``stage`` reads an upstream stage's kept documents (kept/*.parquet)."""
+
     format: Optional[str] = None  # json | parquet | text; None: from the file extension
     text_field: str = "text"  # JSONL/Parquet field holding the document text
-    sample_by: str = "document"  # text files: one document per line | paragraph | document (file)
+    sample_by: SampleBy = SampleBy.document  # text files: one document per line, paragraph or file
     max_documents: Optional[int] = None  # keep only the first N documents
     max_document_chars: Optional[int] = None  # split longer documents at line breaks into pieces this long
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.sample_by = choice(SampleBy, self.sample_by, "sample_by")
 
 
 def split_long(text: str, max_chars: int) -> list[str]:
@@ -122,10 +148,7 @@ def find_bad_json_record(files: list[str], text_field: str) -> Optional[str]:
 
 def load_source(name: str, spec: SourceSpec, cache_dir: str) -> datasets.Dataset:
     """Load one source as a Dataset with a single string column ``text``."""
-    if (spec.path is None) == (spec.stage is None):
-        raise BadInput(f"source '{name}': set exactly one of 'path' and 'stage'")
-    if spec.sample_by not in SAMPLE_BY:
-        raise BadInput(f"source '{name}': sample_by is '{spec.sample_by}'; use one of {', '.join(SAMPLE_BY)}")
+    assert spec.path is not None, f"source '{name}': an upstream stage's documents are read by their path"
     files = resolve_files(name, spec.path)
     fmt = spec.format or infer_format(name, files)
     kwargs = {"sample_by": spec.sample_by} if fmt == "text" else {}

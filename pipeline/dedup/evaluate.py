@@ -16,6 +16,7 @@ from scipy.sparse import csr_matrix, triu
 
 from pipeline.dedup.minhash import NearSpec, detection_probability, lsh_params, near_duplicate_edges, signatures
 from pipeline.dedup.text import shingle_set
+from pipeline.errors import check
 
 
 @dataclass
@@ -28,6 +29,9 @@ class EvalSpec:
     min_similarity: float = 0.3  # pairs at least this similar are listed in the detection curve
     seed: int = 0
     include_filter_rejected: bool = False  # also use pages the filter stage rejected (they have text)
+
+    def __post_init__(self):
+        check(self.max_docs >= 2, "max_docs", self.max_docs, "at least 2")
 
 
 def edit_words(text: str, rate: float, vocabulary: Sequence[str], rng: np.random.Generator) -> str:

@@ -8,6 +8,7 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from pipeline.dedup.text import SPACE
+from pipeline.errors import check
 
 
 @dataclass
@@ -17,6 +18,9 @@ class LinesSpec:
     min_line_chars: int = 1  # shorter lines (after trimming) are never counted or removed
     min_chars: int = 1  # a document left with fewer characters is removed (level "lines")
     report_top: int = 100  # most frequent removed lines written to boilerplate_lines.json
+
+    def __post_init__(self):
+        check(self.min_documents >= 2, "min_documents", self.min_documents, "at least 2")
 
 
 def _key(line: str) -> str:

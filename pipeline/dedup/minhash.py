@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing
 import uuid
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Optional, Sequence
 
 import numpy as np
@@ -16,20 +17,36 @@ from datasketch import LeanMinHash, MinHash, MinHashLSH
 from tqdm.auto import tqdm
 
 from pipeline.dedup.text import ShingleSpec, shingle_hashes
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, check, choice
 
-INDEX_BACKENDS = ("memory", "redis")
-VERIFY = ("exact", "estimate", "none")
+
+class IndexBackend(StrEnum):
+    memory = "memory"  # one process
+    redis = "redis"  # a Redis server shared by several workers
+
+
+class Verify(StrEnum):
+    exact = "exact"  # Jaccard of the hashed shingle sets
+    estimate = "estimate"  # from the signatures
+    none = "none"  # every LSH candidate is a near-duplicate
+
+
+INDEX_BACKENDS = tuple(IndexBackend)
+VERIFY = tuple(Verify)
 _CHUNK = 512  # documents per task sent to a signature worker
 
 
 @dataclass
 class IndexSpec:
-    backend: str = "memory"  # memory: one process; redis: a Redis server shared by several workers
+    backend: IndexBackend = IndexBackend.memory
     host: str = "127.0.0.1"
     port: int = 6379
     db: int = 0
     workers: int = 2  # processes that insert into and query the Redis index together
+
+    def __post_init__(self):
+        self.backend = choice(IndexBackend, self.backend, "backend")
+        check(self.workers >= 1, "workers", self.workers, "at least 1")
 
 
 @dataclass
@@ -43,9 +60,15 @@ class NearSpec:
     seed: int = 1  # of the permutations; documents compare only under the same seed and num_perm
     # LSH candidates are kept when their Jaccard is >= threshold: exact (of the hashed shingle sets),
     # estimate (from the signatures, +-0.035 at 0.8 with 128 permutations) or none (every candidate)
-    verify: str = "exact"
+    verify: Verify = Verify.exact
     num_proc: int = 2  # processes computing signatures
     index: IndexSpec = field(default_factory=IndexSpec)
+
+    def __post_init__(self):
+        self.verify = choice(Verify, self.verify, "verify")
+        check(0 < self.threshold <= 1, "threshold", self.threshold, "in (0, 1]")
+        check(self.num_perm >= 2, "num_perm", self.num_perm, "at least 2")
+        check(self.num_proc >= 1, "num_proc", self.num_proc, "at least 1")
 
 
 def lsh_params(spec: NearSpec) -> tuple[int, int]:
@@ -230,8 +253,6 @@ def exact_jaccard(texts: Sequence[str], pairs: np.ndarray, shingles: ShingleSpec
 def near_duplicate_edges(sig: np.ndarray, keys: np.ndarray, spec: NearSpec, texts: Optional[Sequence[str]] = None,
                          progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(pairs [m, 2], estimated Jaccard [m]): LSH candidates among rows ``keys``, verified as spec.verify says."""
-    if spec.verify not in VERIFY:
-        raise PipelineError(f"dedup.near.verify is '{spec.verify}'; it must be one of {', '.join(VERIFY)}")
     pairs = candidate_pairs(sig, keys, spec, progress=progress)
     est = estimated_jaccard(sig, pairs[:, 0], pairs[:, 1])
     if spec.verify != "none" and len(pairs):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Optional
 
 import numpy as np
@@ -20,17 +21,33 @@ from pipeline.dedup.lines import LinesSpec, frequent_lines, remove_lines
 from pipeline.dedup.minhash import NearSpec, estimated_jaccard, lsh_params, near_duplicate_edges, signatures
 from pipeline.dedup.text import Normalisation, exact_key
 from pipeline.dedup.urls import canonical_url
-from pipeline.errors import BadInput
+from pipeline.errors import BadInput, check, choice
 
 LEVELS = ("empty", "url", "exact", "near", "lines")
-KEEP_POLICIES = ("first", "longest", "quality")
-URL_POLICIES = ("first", "newest")
+
+
+class KeepPolicy(StrEnum):
+    first = "first"
+    longest = "longest"
+    quality = "quality"  # highest quality_field
+
+
+class UrlPolicy(StrEnum):
+    first = "first"
+    newest = "newest"  # by the `date` column
+
+
+KEEP_POLICIES = tuple(KeepPolicy)
+URL_POLICIES = tuple(UrlPolicy)
 
 
 @dataclass
 class UrlSpec:
     enabled: bool = True
-    keep: str = "first"  # first | newest (by the `date` column) among documents with one canonical URL
+    keep: UrlPolicy = UrlPolicy.first  # among documents with one canonical URL
+
+    def __post_init__(self):
+        self.keep = choice(UrlPolicy, self.keep, "keep")
 
 
 @dataclass
@@ -44,8 +61,11 @@ class DedupSpec:
     exact: ExactSpec = field(default_factory=ExactSpec)
     near: NearSpec = field(default_factory=NearSpec)
     lines: LinesSpec = field(default_factory=LinesSpec)
-    keep: str = "first"  # in an exact or near-duplicate cluster: first | longest | quality
+    keep: KeepPolicy = KeepPolicy.first  # in an exact or near-duplicate cluster
     quality_field: str = "lang_score"  # column (a.b for a struct field) read by keep=quality; higher is better
+
+    def __post_init__(self):
+        self.keep = choice(KeepPolicy, self.keep, "keep")
 
 
 @dataclass
@@ -117,10 +137,6 @@ def _policy_score(policy: str, table: pa.Table, texts: list[str], quality_field:
 
 
 def check_spec(spec: DedupSpec) -> None:
-    if spec.keep not in KEEP_POLICIES:
-        raise BadInput(f"dedup.keep is '{spec.keep}'; it must be one of {', '.join(KEEP_POLICIES)}")
-    if spec.url.keep not in URL_POLICIES:
-        raise BadInput(f"dedup.url.keep is '{spec.url.keep}'; it must be one of {', '.join(URL_POLICIES)}")
     lsh_params(spec.near)
 
 

@@ -11,12 +11,22 @@ import re
 import unicodedata
 import zlib
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 
+from pipeline.errors import check, choice
+
 WORD = re.compile(r"\w+")
 SPACE = re.compile(r"\s+")
-SHINGLE_KINDS = ("word", "char")
+
+
+class ShingleKind(StrEnum):
+    word = "word"
+    char = "char"
+
+
+SHINGLE_KINDS = tuple(ShingleKind)
 _P = np.uint64(0x100000001B3)  # the 64-bit FNV prime: odd, so the polynomial mixes every position
 
 
@@ -29,8 +39,12 @@ class Normalisation:
 
 @dataclass
 class ShingleSpec(Normalisation):
-    kind: str = "word"  # word | char: n-grams of words or of characters
+    kind: ShingleKind = ShingleKind.word  # n-grams of words or of characters
     n: int = 5  # shingle length in words or characters
+
+    def __post_init__(self):
+        self.kind = choice(ShingleKind, self.kind, "kind")
+        check(self.n >= 1, "n", self.n, "at least 1")
 
 
 def normalise(text: str, spec: Normalisation) -> str:

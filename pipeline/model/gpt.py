@@ -10,14 +10,23 @@ id per example, so that no token sees another example's tokens or offset (pipeli
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from enum import StrEnum
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-BLOCKS = ("gpt", "llama")
+from pipeline.errors import check, choice
+
+
+class BlockKind(StrEnum):
+    gpt = "gpt"  # GPT-2: learned positions, LayerNorm, GELU MLP
+    llama = "llama"  # RoPE, RMSNorm, SwiGLU MLP, no biases
+
+
+BLOCKS = tuple(BlockKind)
 
 # One (key, value) pair per layer, each (batch, heads, time, head_dim).
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
@@ -25,7 +34,7 @@ KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass
 class ModelConfig:
-    block: str = "gpt"  # gpt | llama
+    block: BlockKind = BlockKind.gpt
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 128
@@ -41,10 +50,18 @@ class ModelConfig:
     def __post_init__(self):
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
-        assert self.block in BLOCKS, f"model.block={self.block!r}: expected one of {BLOCKS}"
-        assert self.d_model % self.n_head == 0, f"d_model={self.d_model} is not divisible by n_head={self.n_head}"
+        self.block = choice(BlockKind, self.block, "block")
+        check(self.n_layer >= 1, "n_layer", self.n_layer, "at least 1")
+        check(self.n_head >= 1 and self.d_model % self.n_head == 0, "n_head", self.n_head,
+              f"at least 1 and divide d_model ({self.d_model})")
+        check(self.context >= 2, "context", self.context, "at least 2")
+        check(0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
         if self.block == "llama":
             self.bias = False
+
+    def as_dict(self) -> dict:
+        """Plain values (the block as a string), as checkpoints and model.pt store them."""
+        return {**asdict(self), "block": self.block.value}
 
     @property
     def head_dim(self) -> int:
@@ -238,12 +255,11 @@ MODEL_FILE = "model.pt"
 
 def save_model(model: GPT, path) -> None:
     """Weights and shape in one file (written aside, then renamed)."""
-    from dataclasses import asdict
     from pathlib import Path
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"config": asdict(model.cfg), "state_dict": model.state_dict()}, tmp)
+    torch.save({"config": model.cfg.as_dict(), "state_dict": model.state_dict()}, tmp)
     tmp.replace(path)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import lru_cache
 from typing import Optional, Sequence, Union
 
@@ -64,6 +65,11 @@ class ChatTemplate:
     source: str  # the Jinja template
     end_of_turn: Optional[str]  # the token closing every assistant reply; None: the tokenizer's eos
     special_tokens: tuple[str, ...]  # markers the template writes, which must be single special tokens
+
+
+class Template(StrEnum):
+    chatml = "chatml"
+    llama2 = "llama2"
 
 
 TEMPLATES = {

@@ -22,16 +22,25 @@ models only, since its PeftModel subclass expects their ``input_ids``/``generate
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from pipeline.errors import BadInput
+from pipeline.errors import BadInput, check, choice
 
 ATTENTION = ["attn.qkv", "attn.proj"]
 MLP = ["mlp.up", "mlp.down", "mlp.gate"]  # mlp.gate: llama blocks only
-BIASES = ("none", "all", "lora_only")
+class Bias(StrEnum):
+    """Which biases train beside the adapters."""
+
+    none = "none"
+    all = "all"
+    lora_only = "lora_only"
+
+
+BIASES = tuple(Bias)
 
 # Our generic names in each transformers family (model.config.model_type).
 _GENERIC = {
@@ -47,10 +56,15 @@ _GENERIC = {
 class LoraSpec:
     rank: int = 8
     alpha: float = 16  # updates are scaled by alpha / rank
-    dropout: float = 0.05  # on the adapter's input, in training only
+    dropout: float = 0.0  # on the adapter's input, in training only; > 0 also keeps a dropped copy of it for backward
     targets: list[str] = field(default_factory=lambda: list(ATTENTION))  # module-name suffixes; add MLP for the MLP
-    bias: str = "none"  # none | all | lora_only: which biases train as well
+    bias: Bias = Bias.none
     tokens: list[int] = field(default_factory=list)  # token ids whose embedding rows train too (tied output rows follow)
+
+    def __post_init__(self):
+        self.bias = choice(Bias, self.bias, "bias")
+        check(self.rank >= 1, "rank", self.rank, "at least 1")
+        check(0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
 
 
 def _family(model: nn.Module) -> str | None:
@@ -113,12 +127,6 @@ def target_modules(model: nn.Module, spec: LoraSpec) -> list[str]:
 
 
 def _check(spec: LoraSpec) -> None:
-    if spec.rank < 1:
-        raise BadInput(f"lora rank={spec.rank}: must be at least 1")
-    if not 0 <= spec.dropout < 1:
-        raise BadInput(f"lora dropout={spec.dropout}: must be in [0, 1)")
-    if spec.bias not in BIASES:
-        raise BadInput(f"lora bias={spec.bias!r}: expected one of {BIASES}")
     if not spec.targets:
         raise BadInput(f"lora targets is empty: name layers to adapt, e.g. {ATTENTION}")
     if len(set(spec.tokens)) != len(spec.tokens):

@@ -6,10 +6,7 @@ import shutil
 import time
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
-
-from pipeline.config import typed
-from pipeline.contract import StageContext, StageResult
+from pipeline.contract import StageConfig, StageContext, StageResult
 from pipeline.data.sources import SourceSpec, load_documents
 from pipeline.errors import BadInput
 from pipeline.tokenizer.build import TokenizerSpec, build_tokenizer
@@ -20,26 +17,23 @@ from pipeline.tokenizer.encode import (TRAIN, VAL, assign_splits, encode_documen
 SECTIONS = ("seed", "tokenize", "tokenizer")
 
 
-def upstream(cfg: DictConfig) -> list[str]:
-    return sorted({s.get("stage") for s in cfg.tokenize.sources.values() if s.get("stage")})
+def upstream(cfg: StageConfig) -> list[str]:
+    return sorted({s.stage for s in cfg.tokenize.sources.values() if s.stage})
 
 
-def _sources(cfg: DictConfig, ctx: StageContext) -> dict[str, SourceSpec]:
+def _sources(cfg: StageConfig, ctx: StageContext) -> dict[str, SourceSpec]:
     """Sources as plain specs, with an upstream stage replaced by the path of its kept documents."""
     specs = {}
-    for name, node in cfg.tokenize.sources.items():
-        spec = typed(node, SourceSpec, f"tokenize.sources.{name}")
+    for name, spec in cfg.tokenize.sources.items():
         if spec.stage is not None:
-            if spec.path is not None:
-                raise BadInput(f"tokenize.sources.{name}: set 'path' or 'stage', not both")
             spec = dataclasses.replace(spec, path=str(ctx.inputs[spec.stage].dir / "kept"), stage=None, format="parquet")
         specs[name] = spec
     return specs
 
 
-def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
+def run(cfg: StageConfig, ctx: StageContext) -> StageResult:
     t = cfg.tokenize
-    spec: TokenizerSpec = OmegaConf.to_object(cfg.tokenizer)
+    spec: TokenizerSpec = cfg.tokenizer
     sources = _sources(cfg, ctx)
     docs = assign_splits(load_documents(sources, cache_dir=str(ctx.cache_dir / "datasets")),
                          val_fraction=t.val_fraction, seed=cfg.seed, num_proc=t.num_proc)

@@ -8,7 +8,7 @@ from typing import Iterable, Optional
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from pipeline.errors import BadInput
+from pipeline.errors import BadInput, check
 
 
 class TokenizerKind(enum.Enum):
@@ -37,6 +37,9 @@ class TokenizerSpec:
     min_frequency: int = 2  # bpe: a pair must occur this often to be merged
     path: Optional[str] = None  # file: the tokenizer.json to use
     special_tokens: SpecialTokens = field(default_factory=SpecialTokens)
+
+    def __post_init__(self):
+        check(self.vocab_size >= 1, "vocab_size", self.vocab_size, "at least 1")
 
 
 def _byte_level(tokenizer: Tokenizer) -> Tokenizer:

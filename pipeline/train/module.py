@@ -3,15 +3,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Optional
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import check, choice
 from pipeline.model.gpt import GPT, ModelConfig
 
-SCHEDULES = ("cosine", "wsd", "constant")
+class Schedule(StrEnum):
+    cosine = "cosine"
+    wsd = "wsd"  # warmup, stable, then a linear decay over the last decay_fraction of the steps
+    constant = "constant"  # after warmup
+
+
+SCHEDULES = tuple(Schedule)
 
 
 @dataclass
@@ -19,11 +27,21 @@ class OptimSpec:
     lr: float = 1e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
     warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine | wsd (warmup, stable, decay) | constant (after warmup)
+    schedule: Schedule = Schedule.cosine
     decay_fraction: float = 0.2  # wsd: the last share of steps that decays linearly
     weight_decay: float = 0.1  # on weight matrices only: never on norms, biases or embeddings
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
+
+    def __post_init__(self):
+        self.schedule = choice(Schedule, self.schedule, "schedule")
+        check(self.lr > 0, "lr", self.lr, "positive")
+        check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "at least 0")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+
+    def as_dict(self) -> dict:
+        """Plain values (the schedule as a string), as checkpoints store them."""
+        return {**asdict(self), "schedule": self.schedule.value}
 
 
 class LRSchedule:
@@ -34,8 +52,7 @@ class LRSchedule:
     """
 
     def __init__(self, spec: OptimSpec, max_steps: int):
-        assert spec.schedule in SCHEDULES, f"schedule={spec.schedule!r}: expected one of {SCHEDULES}"
-        self.schedule, self.warmup_steps, self.floor = spec.schedule, spec.warmup_steps, spec.min_lr_ratio
+        self.schedule, self.warmup_steps, self.floor = Schedule(spec.schedule).value, spec.warmup_steps, spec.min_lr_ratio
         self.decay_fraction, self.max_steps = spec.decay_fraction, max_steps
 
     def __call__(self, step: int) -> float:
@@ -115,4 +132,4 @@ class LanguageModel(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def model_config(self) -> dict:
-        return asdict(self.model.cfg)
+        return self.model.cfg.as_dict()

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 
 from pipeline.model.gpt import non_embedding_params, flops_per_token, save_model
-from pipeline.errors import StageKilled
+from pipeline.errors import StageKilled, check
 from pipeline.train.callbacks import (Checkpointer, FiniteLossGuard, GracefulStop, Samples, TrainMetrics,
                                       evaluation_metrics, latest_checkpoint)
 from pipeline.train.data import TokenDataModule
@@ -62,6 +62,12 @@ class TrainSpec:
     sample_prompts: list[str] = field(default_factory=list)
     sample_tokens: int = 48
     compile: bool = False  # torch.compile the model
+
+    def __post_init__(self):
+        for key in ("max_steps", "micro_batch_size", "grad_accum", "eval_every_steps", "eval_windows"):
+            check(getattr(self, key) >= 1, key, getattr(self, key), "at least 1")
+        check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "at least 0 (0: off)")
+        check(self.ckpt_every_steps >= 0, "ckpt_every_steps", self.ckpt_every_steps, "at least 0 (0: only at the end)")
 
 
 def precision_for(spec: TrainerSpec) -> str:
@@ -177,4 +183,4 @@ def publish(module: LanguageModel, outcome: TrainOutcome, checkpoint_dir: Path, 
     for path in sorted(Path(checkpoint_dir).glob("step-*.ckpt")):
         os.replace(path, kept / path.name)
     return {"model": "model.pt", "tokenizer": "tokenizer.json",
-            "checkpoints": sorted(p.name for p in kept.iterdir()), "model_config": asdict(module.model.cfg)}
+            "checkpoints": sorted(p.name for p in kept.iterdir()), "model_config": module.model.cfg.as_dict()}

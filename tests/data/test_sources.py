@@ -8,7 +8,7 @@ import json
 import pytest
 
 from pipeline.data.sources import SourceSpec, load_documents, load_source, split_long
-from pipeline.errors import BadInput
+from pipeline.errors import BadInput, ConfigError
 
 
 def test_real_sources_load_with_one_text_column(data_dir, tmp_path):
@@ -65,8 +65,10 @@ def test_missing_paths_and_unknown_formats_are_named(tmp_path):
     (tmp_path / "data.csv").write_text("a,b\n")
     with pytest.raises(BadInput, match="cannot tell the format of .*data.csv"):
         load_source("web", SourceSpec(path=str(tmp_path / "data.csv")), "")
-    with pytest.raises(BadInput, match="set exactly one of 'path' and 'stage'"):
-        load_source("web", SourceSpec(), "")
+    with pytest.raises(ConfigError, match="sets neither of 'stage' and 'path'"):
+        SourceSpec()
+    with pytest.raises(ConfigError, match="sets both of 'stage' and 'path'"):
+        SourceSpec(stage="filter", path="x.jsonl")
 
 
 @pytest.mark.parametrize("text", ["", "short", "a\nbb\nccc\n" * 50, "x" * 95 + "\n" + "y" * 10, "no breaks " * 40])

@@ -11,7 +11,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 from tokenizers import Tokenizer
 
-from pipeline.config import typed
 from pipeline.contract import MANIFEST, execute_stage
 from pipeline.data.shards import open_shards
 from pipeline.data.sources import SourceSpec, load_documents
@@ -24,8 +23,7 @@ def _run(cfg):
 
 
 def _source_texts(cfg) -> list[str]:
-    specs = {name: typed(node, SourceSpec, name) for name, node in cfg.tokenize.sources.items()}
-    return load_documents(specs, cache_dir=cfg.paths.cache_dir)["text"]
+    return load_documents(cfg.tokenize.sources, cache_dir=cfg.paths.cache_dir)["text"]
 
 
 def test_shards_decode_back_to_every_document(make_cfg, tracking_uri, experiment):
