@@ -99,6 +99,10 @@ class StageRun:
     def log_dict(self, data: Mapping, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, dict(data), artifact_file)
 
+    def logged_metrics(self, prefix: str) -> dict[str, float]:
+        """The latest value of each metric of this run whose name starts with ``prefix`` (a resumed run's earlier ones)."""
+        return {k: v for k, v in self.client.get_run(self.run_id).data.metrics.items() if k.startswith(prefix)}
+
 
 def kill_handler(killed: list[str]):
     """A SIGTERM/SIGINT handler for the process that installs it: record the signal, raise StageKilled.
