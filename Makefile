@@ -11,6 +11,9 @@ TORCH ?= torch==2.13.0
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# The virtual environment is a file target: every command that runs Python depends on it, so a fresh
+# clone sets itself up on first use, and a changed pyproject.toml reinstalls.
+INSTALLED := $(VENV)/.installed
 OUTPUTS ?= outputs
 OUT := $(OUTPUTS)/$(EXP)
 STAGE = $(PY) -m pipeline
@@ -38,16 +41,22 @@ endif
 
 help: ## Show the targets
 	@echo "usage: make <target> [EXP=$(EXP)] [ARGS='key=value ...']"
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -e 's/$$(TORCH)/$(TORCH)/' -e 's/$$(MLFLOW_PORT)/$(MLFLOW_PORT)/' -e 's/$$(EXP)/$(EXP)/' \
+		| awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-setup: ## Create .venv, install torch ($(TORCH)) first, then the project with its dev tools
+$(INSTALLED): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is needed, found " + sys.version'
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade pip
 	$(VENV)/bin/pip install '$(TORCH)'
 	$(VENV)/bin/pip install -e '.[dev]'
+	touch $@
 
-test: ## Run the whole test suite, slow tests included (what CI runs)
+setup: ## Reinstall .venv: torch ($(TORCH)) first, then the project with its dev tools (other targets set it up when missing)
+	rm -f $(INSTALLED)
+	$(MAKE) --no-print-directory $(INSTALLED)
+
+test: $(INSTALLED) ## Run the whole test suite, slow tests included (what CI runs; sets up .venv first if missing)
 	$(PY) -m pytest --runslow -q
 
 all: filter dedup tokenize pretrain cpt sft merge evaluate ## Run the demo pipeline, skipping what is up to date (sweep and scaling are separate)
@@ -59,7 +68,7 @@ $(OUT)/filter/manifest.json: $(OUT)/.args/filter $(COMMON) conf/filter.yaml $(wi
 		$(wildcard conf/filter/wordlists/*) pipeline/stages/filter.py $(wildcard pipeline/filter/*.py)
 	$(STAGE) filter $(STAGE_ARGS)
 
-inspect-filter: ## Print a few rejected documents per rule (N=3, RULE=prefix) to judge the thresholds
+inspect-filter: $(INSTALLED) ## Print a few rejected documents per rule (N=3, RULE=prefix) to judge the thresholds
 	$(PY) -m pipeline.filter.inspect $(OUT)/filter -n $(or $(N),3) $(if $(RULE),--rule $(RULE))
 
 dedup: $(OUT)/dedup/manifest.json ## Remove URL, exact and near-duplicate documents and boilerplate lines
@@ -108,7 +117,7 @@ $(OUT)/sft/manifest.json: $(OUT)/cpt/manifest.json $(OUT)/.args/sft $(TRAIN_DEPS
 		$(wildcard pipeline/sft/*.py) pipeline/stages/cpt.py
 	$(STAGE) sft $(STAGE_ARGS)
 
-inspect-sft: ## Print N=2 rendered conversations per source (SOURCE=name), trained tokens marked (after make cpt)
+inspect-sft: $(INSTALLED) ## Print N=2 rendered conversations per source (SOURCE=name), trained tokens marked (after make cpt)
 	$(PY) -m pipeline.sft.inspect -n $(or $(N),2) $(if $(SOURCE),--source $(SOURCE)) $(STAGE_ARGS)
 
 merge: $(OUT)/merge/manifest.json ## Fold the LoRA adapter into the model: model.pt and a transformers directory (hf/)
@@ -142,16 +151,20 @@ $(OUT)/scaling/manifest.json: $(OUT)/.sweep/$(SWEEP) $(OUT)/.args/scaling $(COMM
 		pipeline/stages/scaling.py $(wildcard pipeline/scaling/*.py)
 	$(STAGE) scaling $(STAGE_ARGS)
 
-generate: ## Continue PROMPT="..." with the newest model of MODEL=pretrain|cpt|merge (GEN_ARGS="--chat auto" for merge)
+generate: $(INSTALLED) ## Continue PROMPT="..." with the newest model of MODEL=pretrain|cpt|merge (GEN_ARGS="--chat auto" for merge)
 	$(PY) -m pipeline.model.generate $(OUT)/$(or $(MODEL),pretrain) --prompt "$(PROMPT)" $(GEN_ARGS)
 
-bench: ## Benchmarks against baselines measured in the same run (outputs/bench/*.json)
+bench: $(INSTALLED) ## Benchmarks against baselines measured in the same run (outputs/bench/*.json)
 	$(PY) -m pipeline.bench
 
-mlflow-ui: ## Serve the MLflow dashboard on http://127.0.0.1:$(MLFLOW_PORT)
+mlflow-ui: $(INSTALLED) ## Serve the MLflow dashboard on http://127.0.0.1:$(MLFLOW_PORT)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath $(OUTPUTS))/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 clean: ## Remove outputs/$(EXP) (the MLflow store in outputs/ is kept)
 	rm -rf $(OUT)
+
+# Every stage needs the environment, but a reinstall alone does not make its output stale (order-only).
+$(foreach s,filter dedup dedup-eval tokenize pretrain cpt sft merge evaluate scaling,$(OUT)/$(s)/manifest.json) \
+	$(OUT)/.sweep/$(SWEEP): | $(INSTALLED)
 
 FORCE:

@@ -62,3 +62,23 @@ def test_make_tokenize_twice_runs_the_stages_once(tmp_path, data_dir, tracking_u
 def test_inspect_filter_without_output_names_the_target(tmp_path):
     proc = make("inspect-filter", f"OUTPUTS={tmp_path}")
     assert proc.returncode != 0 and "run 'make filter' first" in proc.stderr
+
+
+def test_help_shows_values_not_variable_names():
+    proc = make("help")
+    assert "$(" not in proc.stdout and "torch==" in proc.stdout
+
+
+def test_a_fresh_clone_sets_itself_up_before_the_tests_and_the_demo(tmp_path):
+    """`make test` and `make all` on a machine without .venv install it first (two commands, not three)."""
+    venv = tmp_path / "venv"
+    for target in ("test", "all"):
+        proc = make("-n", target, f"VENV={venv}", f"OUTPUTS={tmp_path / 'out'}")
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        install = next(i for i, line in enumerate(lines) if "pip install -e '.[dev]'" in line)
+        first_python = next(i for i, line in enumerate(lines) if f"{venv}/bin/python -m p" in line)
+        assert install < first_python and f"touch {venv}/.installed" in proc.stdout
+    # with the environment in place (this checkout's), nothing is installed again
+    proc = make("-n", "test")
+    assert "pip install" not in proc.stdout and "-m pytest --runslow -q" in proc.stdout
