@@ -14,10 +14,8 @@ import time
 
 import numpy as np
 from datasketch import MinHash, MinHashLSH
-from hydra import compose, initialize_config_dir
 
-from pipeline import PROJECT_ROOT
-from pipeline.config import typed
+from pipeline.config import compose
 from pipeline.dedup.evaluate import edit_words
 from pipeline.dedup.minhash import NearSpec, lsh_params, near_duplicate_edges, signatures
 from pipeline.dedup.text import normalise
@@ -50,9 +48,8 @@ def _shingles(text: str, spec: NearSpec) -> list[bytes]:
 
 
 def run(quick: bool = False, overrides: list[str] = ()) -> dict:
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides))
-    spec = typed(cfg.dedup.near, NearSpec, "dedup.near")
+    cfg = compose(*overrides)
+    spec = cfg.dedup.near
     n, n_naive, repeats = (2000, 300, 2) if quick else (20000, 2000, 3)
     docs = corpus(cfg.paths.data_dir, n)
     subset = [docs[i] for i in np.random.default_rng(1).choice(n, size=n_naive, replace=False).tolist()]

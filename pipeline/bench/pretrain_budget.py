@@ -12,32 +12,28 @@ import dataclasses
 import math
 
 import torch
-from hydra import compose, initialize_config_dir
 
-from pipeline import PROJECT_ROOT
 from pipeline.bench.pretrain_step import (StepTimer, bench_trainer, demo_shards, quiet_lightning, sigterm_fails,
                                           tokenize_dir, tokenizer_vocab)
-from pipeline.config import PretrainConfig, typed
+from pipeline.config import compose
 from pipeline.errors import MissingUpstream
-from pipeline.model.gpt import ModelConfig
 from pipeline.train.data import TokenDataModule, shard_arrays
 from pipeline.train.module import LanguageModel, OptimSpec
-from pipeline.train.run import TrainerSpec
+
 
 GOAL = 1.0
 
 
 def run(quick: bool = False, overrides: list[str] = ()) -> dict:
     quiet_lightning()
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[*(["model=tiny"] if quick else []), *overrides])
+    cfg = compose(*(["model=tiny"] if quick else []), *overrides)
     found = demo_shards(cfg)
     if found is None:
         raise MissingUpstream(f"{tokenize_dir(cfg) / 'manifest.json'} is missing: run 'make tokenize' first")
     stage_dir, manifest = found
-    train = typed(cfg.pretrain, PretrainConfig, "pretrain")
-    trainer_spec = typed(cfg.trainer, TrainerSpec, "trainer")
-    model_cfg = dataclasses.replace(typed(cfg.model, ModelConfig, "model"),
+    train = cfg.pretrain
+    trainer_spec = cfg.trainer
+    model_cfg = dataclasses.replace(cfg.model,
                                     vocab_size=tokenizer_vocab(stage_dir, manifest))
     steps = 50 if quick else 500
     micro = train.micro_batch_size
@@ -53,7 +49,7 @@ def run(quick: bool = False, overrides: list[str] = ()) -> dict:
         data = TokenDataModule(train_arrays, {"val": val_arrays}, model_cfg.context, micro, 1, cfg.seed,
                                train.eval_windows)
         torch.manual_seed(cfg.seed)
-        module = LanguageModel(dataclasses.asdict(model_cfg), dataclasses.asdict(optim), steps, train.compile)
+        module = LanguageModel(model_cfg.as_dict(), optim.as_dict(), steps, train.compile)
         timer = StepTimer(first=0, last=steps - 1)
         trainer = bench_trainer(trainer_spec, steps, train.grad_clip, [timer], validate=True)
         with sigterm_fails("pretrain_budget"):

@@ -25,14 +25,12 @@ from typing import Iterator, Optional
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from pipeline import PROJECT_ROOT
-from pipeline.config import PretrainConfig, typed
+from pipeline.config import compose
 from pipeline.data.shards import token_dtype
 from pipeline.errors import PipelineError
-from pipeline.model.gpt import GPT, ModelConfig
+from pipeline.model.gpt import GPT
 from pipeline.train.data import TokenDataModule, TrainWindows, shard_arrays
 from pipeline.train.module import LanguageModel, LRSchedule, param_groups, token_loss
 from pipeline.train.run import TrainerSpec, precision_for
@@ -129,10 +127,9 @@ def tokenizer_vocab(stage_dir: Path, manifest: dict) -> int:
 
 def run(quick: bool = False, overrides: list[str] = ()) -> dict:
     quiet_lightning()
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[*(["model=tiny"] if quick else []), *overrides])
-    train = typed(cfg.pretrain, PretrainConfig, "pretrain")
-    trainer_spec = typed(cfg.trainer, TrainerSpec, "trainer")
+    cfg = compose(*(["model=tiny"] if quick else []), *overrides)
+    train = cfg.pretrain
+    trainer_spec = cfg.trainer
     untimed, steps, rounds = (2, 15, 2) if quick else (5, 50, 5)
     max_steps = untimed + steps
 
@@ -147,7 +144,7 @@ def run(quick: bool = False, overrides: list[str] = ()) -> dict:
         ids = np.random.default_rng(cfg.seed).integers(0, vocab, size=2_000_000)
         shards = [ids.astype(token_dtype(vocab))]
         data = f"random token ids (no {tokenize_dir(cfg) / 'manifest.json'})"
-    model_cfg = dataclasses.replace(typed(cfg.model, ModelConfig, "model"), vocab_size=vocab)
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
     micro = train.micro_batch_size
     precision = precision_for(trainer_spec)
     if precision not in ("32-true", "bf16-mixed"):
@@ -188,7 +185,7 @@ def run(quick: bool = False, overrides: list[str] = ()) -> dict:
     def lightning() -> tuple[list[float], float]:
         datamodule = TokenDataModule(shards, {}, model_cfg.context, micro, 1, cfg.seed, train.eval_windows)
         torch.manual_seed(cfg.seed)
-        module = LanguageModel(dataclasses.asdict(model_cfg), dataclasses.asdict(train.optim), max_steps, train.compile)
+        module = LanguageModel(model_cfg.as_dict(), train.optim.as_dict(), max_steps, train.compile)
         timer = StepTimer(first=untimed, last=max_steps - 1)
         with sigterm_fails("pretrain_step"):
             bench_trainer(trainer_spec, max_steps, train.grad_clip, [timer]).fit(module, datamodule=datamodule)

@@ -43,13 +43,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
 from pipeline import PROJECT_ROOT
 from pipeline.bench.pretrain_step import StepTimer, bench_trainer, quiet_lightning, sigterm_fails, tokenize_dir
-from pipeline.config import SftConfig, typed
+from pipeline.config import RootConfig, SftConfig, compose
 from pipeline.errors import BadInput
 from pipeline.model.gpt import GPT, ModelConfig
 from pipeline.sft.batching import pack
@@ -59,7 +58,7 @@ from pipeline.sft.lora import LoraSpec, add_lora, trainable_fraction
 from pipeline.sft.train import SFTData, SFTModule
 from pipeline.stages.pretrain import vocab_bound
 from pipeline.stages.sft import lora_spec
-from pipeline.tokenizer.build import TokenizerSpec, byte_tokenizer
+from pipeline.tokenizer.build import byte_tokenizer
 from pipeline.train.run import TrainerSpec, precision_for
 
 SPEED_GOAL = 1.0  # LoRA tokens/s over full fine-tuning's: at least as fast
@@ -88,7 +87,7 @@ class LossTimer(StepTimer):
 class Setup:
     """What every arm shares: the config, the encoded examples and the model shape."""
 
-    cfg: DictConfig
+    cfg: RootConfig
     sft: SftConfig
     trainer: TrainerSpec
     model: ModelConfig
@@ -105,30 +104,29 @@ class Setup:
 def bench_tokenizer(cfg) -> tuple[Tokenizer, str]:
     """The demo's tokenizer when the tokenize stage has run, else 256 bytes plus the special tokens."""
     path = tokenize_dir(cfg) / "tokenizer.json"
-    specials = typed(cfg.tokenizer, TokenizerSpec, "tokenizer").special_tokens.all()
+    specials = cfg.tokenizer.special_tokens.all()
     if path.is_file():
         return Tokenizer.from_file(str(path)), str(path)
     return byte_tokenizer(specials), f"bytes (no {path})"
 
 
 def setup(quick: bool, overrides: list[str]) -> Setup:
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[*(QUICK if quick else DEFAULTS), *overrides])
-    sft = typed(cfg.sft, SftConfig, "sft")
+    cfg = compose(*(QUICK if quick else DEFAULTS), *overrides)
+    sft = cfg.sft
     tokenizer, tokenizer_name = bench_tokenizer(cfg)
     add_chat_tokens(tokenizer, sft.template)
     special = cfg.tokenizer.special_tokens
     pad_id = tokenizer.token_to_id(special.pad)
     if pad_id is None:
         raise BadInput(f"{tokenizer_name} has no pad token {special.pad!r} (tokenizer.special_tokens.pad)")
-    model_cfg = dataclasses.replace(typed(cfg.model, ModelConfig, "model"), vocab_size=vocab_bound(tokenizer))
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab_bound(tokenizer))
     max_tokens = min(sft.max_tokens or model_cfg.context, model_cfg.context)  # as the sft stage cuts them
     fmt, path, name = SOURCE
     read = read_source(fmt, str(Path(cfg.paths.data_dir) / path), name)
     examples, counts = encode_all(read.conversations, tokenizer, sft.template, max_tokens, special.bos, special.eos,
                                   sft.drop_truncated)
     untimed, steps, rounds = (1, 4, 2) if quick else (1, 4, 3)
-    return Setup(cfg, sft, typed(cfg.trainer, TrainerSpec, "trainer"), model_cfg, examples, pad_id,
+    return Setup(cfg, sft, cfg.trainer, model_cfg, examples, pad_id,
                  tokenizer_name, lora_spec(sft, tokenizer), counts, untimed, steps, rounds)
 
 
@@ -136,7 +134,7 @@ def trainable_by_size(s: Setup) -> dict[str, dict]:
     """Trainable parameters with the LoRA of ``sft.lora`` for every shape in conf/model/, smallest first."""
     sizes = {}
     for path in sorted((PROJECT_ROOT / "conf" / "model").glob("*.yaml")):
-        shape = dataclasses.replace(typed(OmegaConf.load(path), ModelConfig, f"model {path.stem}"),
+        shape = dataclasses.replace(ModelConfig(**OmegaConf.to_container(OmegaConf.load(path))),
                                     vocab_size=s.model.vocab_size)
         with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
             trainable, total, fraction = trainable_fraction(add_lora(GPT(shape), s.lora))

@@ -10,11 +10,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from tokenizers import Tokenizer
 
-from pipeline import PROJECT_ROOT
-from pipeline.config import typed
+from pipeline.config import compose
 from pipeline.data.sources import SourceSpec, load_documents
 from pipeline.tokenizer.build import SpecialTokens, train_bpe
 from pipeline.tokenizer.encode import assign_splits, encode_documents, interleave, train_texts, write_token_shards
@@ -24,11 +22,9 @@ GOAL = 0.9  # the stage should keep at least this share of raw tokenizers throug
 
 def run(quick: bool = False, overrides: list[str] = ()) -> dict:
     repeats = 2 if quick else 5
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[*(["~tokenize.sources.novels"] if quick else []), *overrides])
+    cfg = compose(*(["~tokenize.sources.novels"] if quick else []), *overrides)
     sources, skipped = {}, []
-    for name, node in cfg.tokenize.sources.items():
-        spec = typed(node, SourceSpec, name)
+    for name, spec in cfg.tokenize.sources.items():
         if spec.stage is not None:  # an upstream stage's kept documents, when `make all` has made them
             kept = Path(cfg.paths.outputs_dir) / cfg.name / spec.stage / "kept"
             if not kept.is_dir():
