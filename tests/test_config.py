@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import re
+
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
@@ -10,10 +12,13 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from pipeline import PROJECT_ROOT
-from pipeline.config import RootConfig, typed, validate
+from pipeline.config import RootConfig, load
+from pipeline.config import compose as compose_typed
+from pipeline.contract import stage_config
 from pipeline.data.sources import SourceSpec, resolve_files
 from pipeline.errors import PipelineError
-from pipeline.stages import STAGES
+from pipeline.sft.lora import LoraSpec
+from pipeline.stages import STAGES, TOOLS, load_stage
 from tests.conftest import CONF_DIR, run_cli
 
 PRESETS = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "experiment").glob("*.yaml"))
@@ -26,16 +31,85 @@ def _compose(*overrides):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_experiment_preset_composes_and_its_sources_exist(preset, data_dir):
-    cfg = _compose(f"experiment={preset}", f"paths.data_dir={data_dir}")
+    cfg = compose_typed(f"experiment={preset}", f"paths.data_dir={data_dir}")
+    assert isinstance(cfg, RootConfig)
     assert cfg.name == preset, "a preset's name must match its file: Make finds outputs/<EXP>/ by it"
-    resolved = OmegaConf.to_object(cfg)  # resolves every interpolation and builds the dataclasses
-    assert isinstance(resolved, RootConfig)
-    assert resolved.tracking.uri.startswith(("sqlite:////", "http"))
-    validate(cfg)
-    for name, node in [*cfg.tokenize.sources.items(), *cfg.cpt.sources.items()]:
-        source = typed(node, SourceSpec, name)
+    assert cfg.tracking.uri.startswith(("sqlite:////", "http"))
+    for name, source in [*cfg.tokenize.sources.items(), *cfg.cpt.sources.items()]:
+        assert isinstance(source, SourceSpec)
         if source.path is not None:
             assert resolve_files(name, source.path), name
+
+
+@pytest.mark.parametrize("override, key, problem", [
+    ("sft.lora.rank=0", "sft.lora.rank", "is 0; it must be at least 1"),
+    ("model.n_head=3", "model.n_head", "divide d_model"),
+    ("pretrain.optim.lr=0", "pretrain.optim.lr", "positive"),
+    ("dedup.near.threshold=1.5", "dedup.near.threshold", "in (0, 1]"),
+    ("tokenize.val_fraction=1", "tokenize.val_fraction", "in [0, 1)"),
+    ("cpt.init.path=/somewhere", "cpt.init", "sets both of 'stage' and 'path'"),
+    ("+tokenize.sources.extra.format=json", "tokenize.sources.extra", "sets neither of 'stage' and 'path'"),
+    ("+evaluate.models.mine.stage=pretrain", None, None),
+])
+def test_a_bad_value_names_its_full_key(override, key, problem):
+    if key is None:
+        assert compose_typed(override).evaluate.models["mine"].stage == "pretrain"
+        return
+    with pytest.raises(PipelineError) as err:
+        compose_typed(override)
+    assert str(err.value).startswith(f"config key '{key}'") and problem in str(err.value)
+
+
+@pytest.mark.parametrize("override, choices", [("model.block=gru", "gpt, llama"), ("sft.template=alpaca", "chatml"),
+                                               ("dedup.keep=last", "first, longest, quality"),
+                                               ("pretrain.optim.schedule=step", "cosine, wsd, constant")])
+def test_a_choice_outside_its_enum_lists_the_choices(override, choices):
+    with pytest.raises(ConfigCompositionException) as err:
+        _compose(override)
+    assert choices in str(err.value.__cause__)
+
+
+def test_library_specs_check_values_given_in_code_too():
+    with pytest.raises(PipelineError, match="config key 'bias' is 'some'; it must be one of none, all, lora_only"):
+        LoraSpec(bias="some")
+    assert LoraSpec(bias="all").bias == "all"
+
+
+def test_the_dataclasses_alone_hold_the_defaults():
+    """conf/<stage>.yaml and the steps' and levels' files set only what differs from the dataclass defaults."""
+    defaults = OmegaConf.to_container(OmegaConf.structured(RootConfig), resolve=False)
+
+    def restated(data, node, path):
+        for key, value in data.items():
+            if not isinstance(node, dict) or key not in node:
+                continue
+            if isinstance(value, dict) and isinstance(node[key], dict) and value and node[key]:
+                yield from restated(value, node[key], f"{path}{key}.")
+            elif value == node[key]:
+                yield f"{path}{key}"
+
+    conf = PROJECT_ROOT / "conf"
+    files = [(p, "") for p in conf.glob("*.yaml") if p.name != "config.yaml"]
+    files += [(p, re.search(r"# @package (\S+)", p.read_text()).group(1) + ".")
+              for group in ("filter", "dedup") for p in (conf / group).glob("*.yaml")]
+    for path, package in files:
+        data = yaml.safe_load(path.read_text()) or {}
+        node = defaults
+        for part in package.split(".")[:-1]:
+            node = node[part]
+        assert not list(restated(data, node, package)), f"{path} restates the dataclass defaults"
+
+
+def test_a_stage_sees_only_the_sections_it_declares():
+    cfg = compose_typed()
+    for name in [*STAGES, *TOOLS]:
+        module = load_stage(name)
+        section = stage_config(name, module, cfg)
+        for key in module.SECTIONS:
+            assert getattr(section, key) is getattr(cfg, key)
+        hidden = next(k for k in ("scaling", "filter") if k not in module.SECTIONS)
+        with pytest.raises(AttributeError, match=f"reads config section '{hidden}' but does not list it"):
+            getattr(section, hidden)
 
 
 def test_demo_is_the_default_preset():
@@ -61,11 +135,11 @@ def test_unknown_tokenizer_kind_lists_the_choices():
     assert "bpe" in str(err.value.__cause__) and "bytes" in str(err.value.__cause__)
 
 
-def test_appended_unknown_key_is_rejected_by_validate():
-    cfg = _compose("+tokenizer.vocab_sizee=8000")  # '+' opens the struct flag; validate closes the gap
+def test_appended_unknown_key_is_rejected_by_load():
+    cfg = _compose("+tokenizer.vocab_sizee=8000")  # '+' opens the struct flag; load closes the gap
     with pytest.raises(PipelineError, match="tokenizer.vocab_sizee"):
-        validate(cfg)
-    validate(_compose())
+        load(cfg)
+    assert isinstance(load(_compose()), RootConfig)
 
 
 def test_mlflow_tracking_uri_environment_variable_wins(monkeypatch):
