@@ -26,6 +26,7 @@ from pipeline.model.gpt import ModelConfig
 from pipeline.sft.chat import Template
 from pipeline.sft.lora import LoraSpec
 from pipeline.tokenizer.build import TokenizerSpec
+from pipeline.tracking import TrackingSettings
 from pipeline.train.run import TrainerSpec, TrainSpec
 
 CONF_DIR = PROJECT_ROOT / "conf"
@@ -59,13 +60,6 @@ class PathsConfig:
     data_dir: str = MISSING  # real public data for the demo and tests
     outputs_dir: str = MISSING  # outputs/<experiment>/<stage>/, the MLflow store, caches
     cache_dir: str = MISSING  # datasets' Arrow cache
-
-
-@dataclass
-class TrackingConfig:
-    uri: str = MISSING  # MLflow tracking URI; MLFLOW_TRACKING_URI overrides the default
-    artifact_location: Optional[str] = None  # for experiments this pipeline creates; None: server's default
-    experiment: str = MISSING  # MLflow experiment name
 
 
 @dataclass
@@ -260,7 +254,7 @@ class RootConfig:
     name: str = MISSING  # experiment name: outputs/<name>/, MLflow experiment <name>
     seed: int = 1337
     paths: PathsConfig = field(default_factory=PathsConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tracking: TrackingSettings = field(default_factory=lambda: TrackingSettings(MISSING, MISSING))
     filter: FilterConfig = field(default_factory=FilterConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)

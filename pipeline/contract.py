@@ -186,11 +186,6 @@ def write_manifest(directory: Path, manifest: dict) -> Path:
     return write_json(Path(directory) / MANIFEST, manifest)
 
 
-def tracking_settings(cfg: RootConfig) -> TrackingSettings:
-    return TrackingSettings(uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
-                            artifact_location=cfg.tracking.artifact_location)
-
-
 RESUME_STATE = "run.json"
 
 
@@ -270,7 +265,7 @@ def execute_stage(stage: str, module: ModuleType, cfg: RootConfig | DictConfig, 
     try:
         with stage_lock(final_dir, stage):
             resume_id = resumable_run(ckpt_dir, chash) if resumable else None
-            with stage_run(tracking_settings(cfg), run_name=run_name or stage, tags=tags,
+            with stage_run(cfg.tracking, run_name=run_name or stage, tags=tags,
                            params=flatten(as_plain(cfg)),
                            parent_run_id=parent_run_id, resume_run_id=resume_id) as run:
                 if resumable:

@@ -22,9 +22,18 @@ MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 
 @dataclass
 class TrackingSettings:
-    uri: str
-    experiment: str
-    artifact_location: Optional[str] = None
+    """Where runs go (conf/tracking/: the ``tracking`` section of the config)."""
+
+    uri: str  # MLflow tracking URI; MLFLOW_TRACKING_URI overrides the default
+    experiment: str  # MLflow experiment name
+    artifact_location: Optional[str] = None  # for experiments this pipeline creates; None: beside a SQLite store,
+    # else the server's default (never MLflow's ./mlruns in the working directory)
+
+    def artifact_uri(self) -> Optional[str]:
+        location = self.artifact_location
+        if location is None and self.uri.startswith("sqlite:///"):
+            location = str(Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts")
+        return Path(location).resolve().as_uri() if location else None
 
 
 def client_for(settings: TrackingSettings):
@@ -39,9 +48,8 @@ def experiment_id(client, settings: TrackingSettings) -> str:
 
     exp = client.get_experiment_by_name(settings.experiment)
     if exp is None:
-        location = Path(settings.artifact_location).resolve().as_uri() if settings.artifact_location else None
         try:
-            return client.create_experiment(settings.experiment, artifact_location=location)
+            return client.create_experiment(settings.experiment, artifact_location=settings.artifact_uri())
         except MlflowException:  # created meanwhile by a concurrent job
             exp = client.get_experiment_by_name(settings.experiment)
             if exp is None:

@@ -9,14 +9,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.tracking import PARENT_RUN_ENV, TrackingSettings, client_for, experiment_id
 
 
 def settings_from(cfg: DictConfig) -> TrackingSettings:
-    return TrackingSettings(uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
-                            artifact_location=cfg.tracking.artifact_location)
+    return OmegaConf.to_object(cfg.tracking)
 
 
 def varying(overrides: list[list[str]]) -> list[str]:

@@ -37,6 +37,16 @@ def test_finished_run_has_params_tags_and_artifacts(tracking_uri, experiment, tm
     assert MlflowClient(tracking_uri).download_artifacts(r.info.run_id, "notes.txt", str(tmp_path))
 
 
+def test_without_an_artifact_location_artifacts_go_beside_the_sqlite_store(tmp_path, monkeypatch, experiment):
+    store = tmp_path / "store"
+    store.mkdir()
+    monkeypatch.chdir(tmp_path)  # MLflow's own default would be ./mlruns here
+    uri = f"sqlite:///{store}/mlflow.db"
+    with stage_run(TrackingSettings(uri=uri, experiment=experiment), "tokenize", {}, {}) as run:
+        run.log_text("hello", "notes.txt")
+    assert list((store / "mlartifacts").rglob("notes.txt")) and not (tmp_path / "mlruns").exists()
+
+
 def test_exception_marks_the_run_failed_with_the_error(tracking_uri, experiment, tmp_path):
     with pytest.raises(ValueError):
         with stage_run(_settings(tracking_uri, experiment, tmp_path), "tokenize", {}, {}):
