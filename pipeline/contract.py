@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import PROJECT_ROOT
 from pipeline.config import RootConfig, as_plain, load
 from pipeline.errors import BadInput, MissingUpstream, PipelineError
-from pipeline.tracking import StageRun, TrackingSettings, flatten, stage_run
+from pipeline.tracking import StageRun, flatten, stage_run
 
 MANIFEST = "manifest.json"
 
