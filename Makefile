@@ -24,7 +24,7 @@ STAGE_ARGS = experiment=$(EXP) $(if $(filter-out outputs,$(OUTPUTS)),paths.outpu
 
 # What every stage's output depends on: the shared config, the preset, the contract and tracking code.
 COMMON := conf/config.yaml $(wildcard conf/tracking/*.yaml) conf/experiment/$(EXP).yaml \
-          pipeline/cli.py pipeline/config.py pipeline/contract.py $(wildcard pipeline/tracking/*.py)
+          pipeline/cli.py pipeline/config.py pipeline/contract.py pipeline/sweep.py $(wildcard pipeline/tracking/*.py)
 
 # ARGS are part of a stage's inputs: $(OUT)/.args/<stage> changes (and triggers a rebuild) only when they do.
 define args_stamp

@@ -1,21 +1,7 @@
-"""Hydra callback: a multirun is one MLflow parent run, and each job's stage run is its child."""
+"""Sweeps in MLflow: a parent run whose children are the jobs (pipeline/sweep.py opens it), read back here."""
 from __future__ import annotations
 
-import atexit
-import json
-import os
-import sys
-from pathlib import Path
-from typing import Any, Optional
-
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
-
-from pipeline.tracking import PARENT_RUN_ENV, TrackingSettings, client_for, experiment_id
-
-
-def settings_from(cfg: DictConfig) -> TrackingSettings:
-    return OmegaConf.to_object(cfg.tracking)
+from typing import Optional
 
 
 def varying(overrides: list[list[str]]) -> list[str]:
@@ -34,82 +20,6 @@ def sweep_status(statuses: list[str]) -> str:
     if any(s != "FINISHED" for s in statuses):
         return "FAILED"
     return "FINISHED"
-
-
-class SweepParentRun(Callback):
-    """Opens the parent run in the launching process; jobs find it through an environment variable.
-
-    Hydra's basic sweeper re-raises a failed job's exception before ``on_multirun_end``, so the
-    parent is also closed at interpreter exit.
-    """
-
-    def __init__(self) -> None:
-        self.settings: Optional[TrackingSettings] = None
-        self.run_id: Optional[str] = None
-        self.jobs: list[dict] = []
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.settings = settings_from(config)
-        self.sweep_dir = Path(config.hydra.sweep.dir)
-        self.stage = config.hydra.job.name
-        self.jobs = []
-        client = client_for(self.settings)
-        stage = config.hydra.job.name
-        overrides = list(config.hydra.overrides.task)
-        run = client.create_run(experiment_id(client, self.settings), run_name=f"{stage}-sweep",
-                                tags={"stage": stage, "sweep": "parent", "sweep_dir": str(config.hydra.sweep.dir),
-                                      "overrides": " ".join(overrides)})
-        self.run_id = run.info.run_id
-        os.environ[PARENT_RUN_ENV] = self.run_id
-        atexit.register(self.finish)
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self.finish()
-
-    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        # Hydra reports every job here, also one that failed before its MLflow run existed.
-        if self.run_id is None:  # a single run, not a sweep
-            return
-        error = job_return._return_value if job_return.status.name == "FAILED" else None
-        self.jobs.append({"job": int(config.hydra.job.num), "overrides": list(job_return.overrides or []),
-                          "status": job_return.status.name,
-                          "error": str(error).splitlines()[0][:500] if error is not None else None})
-
-    def finish(self) -> None:
-        if self.run_id is None:
-            return
-        run_id, self.run_id = self.run_id, None
-        os.environ.pop(PARENT_RUN_ENV, None)
-        client = client_for(self.settings)
-        parent = client.get_run(run_id)
-        children = {c.data.tags.get("sweep_job", c.info.run_id): c for c in
-                    client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")}
-        # A killed job never reaches on_job_end: its run still shows it.
-        seen = {str(j["job"]) for j in self.jobs}
-        jobs = self.jobs + [{"job": key, "overrides": json.loads(c.data.tags.get("sweep_overrides", "[]")),
-                             "status": c.info.status, "error": None} for key, c in children.items() if key not in seen]
-        for job, label in zip(jobs, varying([j["overrides"] for j in jobs])):
-            child = children.get(str(job["job"]))
-            job.update(name=child.info.run_name if child else f"{self.stage}-{job['job']}", swept=label,
-                       run_id=child.info.run_id if child else None,
-                       run_status=child.info.status if child else "no run")
-        failed = [j for j in jobs if j["status"] not in ("COMPLETED", "FINISHED") or j["run_status"] != "FINISHED"]
-        status = sweep_status([j["run_status"] if j["status"] in ("COMPLETED", "FINISHED") else "FAILED"
-                               if j["run_status"] != "KILLED" else "KILLED" for j in jobs])
-        client.log_metric(run_id, "sweep/jobs", len(jobs))
-        client.log_metric(run_id, "sweep/failed_jobs", len(failed))
-        lines = [f"{j['name']}" + (f" ({j['swept']})" if j["swept"] else "") + f": {j['error'] or j['run_status']}"
-                 for j in failed]
-        if failed:
-            client.set_tag(run_id, "failed_jobs", "; ".join(lines)[:5000])
-        client.set_terminated(run_id, status=status)
-        self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        (self.sweep_dir / "sweep.json").write_text(json.dumps({"parent_run_id": run_id, "status": status,
-                                                               "jobs": jobs}, indent=1))
-        print(f"sweep: {len(jobs) - len(failed)} of {len(jobs)} jobs finished (MLflow parent run {run_id}, "
-              f"{os.path.relpath(self.sweep_dir)})", file=sys.stderr)
-        for line in lines:
-            print(f"sweep: failed job {line}", file=sys.stderr)
 
 
 def find_sweep(client, experiment_id: str, stage: str, run_id: Optional[str] = None):
