@@ -73,7 +73,7 @@ inspect-filter: $(INSTALLED) ## Print a few rejected documents per rule (N=3, RU
 
 dedup: $(OUT)/dedup/manifest.json ## Remove URL, exact and near-duplicate documents and boilerplate lines
 
-DEDUP_DEPS := $(COMMON) conf/dedup.yaml $(wildcard conf/dedup/*.yaml) $(wildcard pipeline/dedup/*.py)
+DEDUP_DEPS := $(COMMON) conf/dedup.yaml $(wildcard conf/dedup/*.yaml) $(wildcard pipeline/dedup/*.py) pipeline/data/sources.py
 $(eval $(call args_stamp,dedup))
 $(OUT)/dedup/manifest.json: $(OUT)/filter/manifest.json $(OUT)/.args/dedup $(DEDUP_DEPS) pipeline/stages/dedup.py
 	$(STAGE) dedup $(STAGE_ARGS)
@@ -82,7 +82,7 @@ dedup-eval: $(OUT)/dedup-eval/manifest.json ## Measure near-duplicate precision/
 
 $(eval $(call args_stamp,dedup-eval))
 $(OUT)/dedup-eval/manifest.json: $(OUT)/filter/manifest.json $(OUT)/.args/dedup-eval $(DEDUP_DEPS) \
-		pipeline/stages/dedup.py pipeline/stages/dedup_eval.py
+		pipeline/stages/dedup_eval.py
 	$(STAGE) dedup-eval $(STAGE_ARGS)
 
 tokenize: $(OUT)/tokenize/manifest.json ## Train the tokenizer and encode the corpus into token shards

@@ -121,7 +121,8 @@ def evaluate_near(texts: Sequence[str], near: NearSpec, spec: EvalSpec, progress
     extra = int(len(detected)) - int(np.count_nonzero(found))
     overall = pr(np.ones(len(pairs), bool))
     overall["detected_pairs"] += extra
-    overall["precision"] = overall["true_positives"] / overall["detected_pairs"] if overall["detected_pairs"] else float("nan")
+    detected_pairs = overall["detected_pairs"]
+    overall["precision"] = overall["true_positives"] / detected_pairs if detected_pairs else float("nan")
     copies = {}
     origin_pair = _pair_keys(np.sort(np.stack([origin, np.arange(n_real, n)], axis=1), axis=1), n)
     where = {k: i for i, k in enumerate(_pair_keys(pairs, n).tolist())}

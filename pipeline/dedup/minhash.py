@@ -17,7 +17,7 @@ from datasketch import LeanMinHash, MinHash, MinHashLSH
 from tqdm.auto import tqdm
 
 from pipeline.dedup.text import ShingleSpec, shingle_hashes
-from pipeline.errors import PipelineError, check, choice
+from pipeline.errors import ConfigError, PipelineError, check, choice
 
 
 class IndexBackend(StrEnum):
@@ -31,8 +31,6 @@ class Verify(StrEnum):
     none = "none"  # every LSH candidate is a near-duplicate
 
 
-INDEX_BACKENDS = tuple(IndexBackend)
-VERIFY = tuple(Verify)
 _CHUNK = 512  # documents per task sent to a signature worker
 
 
@@ -69,15 +67,19 @@ class NearSpec:
         check(0 < self.threshold <= 1, "threshold", self.threshold, "in (0, 1]")
         check(self.num_perm >= 2, "num_perm", self.num_perm, "at least 2")
         check(self.num_proc >= 1, "num_proc", self.num_proc, "at least 1")
+        if (self.bands is None) != (self.rows is None):
+            raise ConfigError("bands" if self.bands is None else "rows", "is null: set both bands and rows, or neither")
+        for key in ("bands", "rows"):
+            check(getattr(self, key) is None or getattr(self, key) >= 1, key, getattr(self, key), "at least 1 or null")
+        if self.bands is not None and self.bands * self.rows > self.num_perm:
+            raise ConfigError("bands", f"times rows ({self.bands} x {self.rows} = {self.bands * self.rows}) exceeds "
+                                       f"num_perm = {self.num_perm}: lower bands or rows, or raise num_perm")
 
 
 def lsh_params(spec: NearSpec) -> tuple[int, int]:
     """(bands, rows): explicit, or datasketch's choice minimising false positives + false negatives."""
-    if (spec.bands is None) != (spec.rows is None):
-        raise PipelineError("dedup.near: set both bands and rows, or neither")
     if spec.bands is not None:
-        if spec.bands * spec.rows > spec.num_perm:
-            raise PipelineError(f"dedup.near: bands*rows = {spec.bands * spec.rows} exceeds num_perm = {spec.num_perm}")
+        assert spec.rows is not None and spec.bands * spec.rows <= spec.num_perm, (spec.bands, spec.rows, spec.num_perm)
         return spec.bands, spec.rows
     lsh = MinHashLSH(threshold=spec.threshold, num_perm=spec.num_perm)
     return lsh.b, lsh.r

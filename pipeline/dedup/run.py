@@ -21,7 +21,7 @@ from pipeline.dedup.lines import LinesSpec, frequent_lines, remove_lines
 from pipeline.dedup.minhash import NearSpec, estimated_jaccard, lsh_params, near_duplicate_edges, signatures
 from pipeline.dedup.text import Normalisation, exact_key
 from pipeline.dedup.urls import canonical_url
-from pipeline.errors import BadInput, check, choice
+from pipeline.errors import BadInput, choice
 
 LEVELS = ("empty", "url", "exact", "near", "lines")
 
@@ -35,10 +35,6 @@ class KeepPolicy(StrEnum):
 class UrlPolicy(StrEnum):
     first = "first"
     newest = "newest"  # by the `date` column
-
-
-KEEP_POLICIES = tuple(KeepPolicy)
-URL_POLICIES = tuple(UrlPolicy)
 
 
 @dataclass
@@ -136,12 +132,7 @@ def _policy_score(policy: str, table: pa.Table, texts: list[str], quality_field:
     return np.zeros(len(texts))
 
 
-def check_spec(spec: DedupSpec) -> None:
-    lsh_params(spec.near)
-
-
 def deduplicate(table: pa.Table, spec: DedupSpec, label: str = "dedup input", progress: bool = True) -> DedupResult:
-    check_spec(spec)
     if "text" not in table.column_names:
         raise BadInput(f"{label}: no 'text' column (columns: {', '.join(table.column_names)})")
     n = table.num_rows

@@ -9,8 +9,9 @@ import time
 import numpy as np
 import pytest
 
+from pipeline.config import compose
 from pipeline.dedup.evaluate import EvalSpec, edit_words, evaluate_near
-from pipeline.dedup.minhash import IndexSpec, NearSpec, near_duplicate_edges, signatures
+from pipeline.dedup.minhash import IndexSpec, NearSpec, lsh_params, near_duplicate_edges, signatures
 from pipeline.dedup.text import jaccard, shingle_set
 from pipeline.errors import PipelineError
 
@@ -99,3 +100,11 @@ def test_evaluation_plants_copies_and_scores_the_detector(passages):
     loose = evaluate_near(passages, NearSpec(num_proc=1, verify="none", bands=32, rows=2),
                           EvalSpec(planted=70, max_docs=1000), progress=False)
     assert loose["overall"]["precision"] < o["precision"] and loose["overall"]["recall"] >= o["recall"]
+
+
+def test_lsh_bands_and_rows_are_checked_when_the_config_is_built():
+    with pytest.raises(PipelineError, match=r"'dedup\.near\.bands' times rows \(32 x 8 = 256\) exceeds num_perm = 128"):
+        compose("dedup.near.bands=32")
+    with pytest.raises(PipelineError, match=r"'dedup\.near\.rows' is null: set both bands and rows, or neither"):
+        compose("dedup.near.rows=null")
+    assert lsh_params(compose("dedup.near.bands=null", "dedup.near.rows=null").dedup.near) == (9, 13)  # datasketch's
