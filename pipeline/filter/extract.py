@@ -3,19 +3,36 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass
-from typing import Optional
+from enum import StrEnum
+from typing import Callable, Optional
 
-ENGINES = ("resiliparse", "trafilatura")
+from pipeline.errors import check, choice
+
 TEXT_TYPES = ("text/html", "application/xhtml+xml", "text/plain", None)
+
+
+class Engine(StrEnum):
+    resiliparse = "resiliparse"
+    trafilatura = "trafilatura"
+
+
+# What to install when an engine cannot be imported (trafilatura needs lxml_html_clean with lxml >= 5.2).
+PIP = {Engine.resiliparse: "resiliparse", Engine.trafilatura: "trafilatura lxml_html_clean"}
 
 
 @dataclass
 class ExtractSpec:
-    enabled: bool = True
-    engine: str = "resiliparse"  # resiliparse (fast, C++) | trafilatura (slower, often cleaner)
+    enabled: bool = True  # false: keep the decoded HTML as it is
+    engine: Engine = Engine.resiliparse  # resiliparse (fast, C++) | trafilatura (slower, often cleaner)
     main_content: bool = True  # drop navigation, headers, footers and other boilerplate
     min_chars: int = 1  # fewer extracted characters: rejected as no_text
     max_invalid_char_fraction: float = 0.01  # bytes no charset decodes, replaced by U+FFFD up to this share
+
+    def __post_init__(self):
+        self.engine = choice(Engine, self.engine, "engine")
+        check(self.min_chars >= 0, "min_chars", self.min_chars, "at least 0")
+        check(0 <= self.max_invalid_char_fraction <= 1, "max_invalid_char_fraction", self.max_invalid_char_fraction,
+              "in [0, 1]")
 
 
 class UndecodableError(ValueError):
@@ -53,17 +70,25 @@ def decode_html(raw: bytes, declared: Optional[str], max_invalid_fraction: float
     raise UndecodableError(f"{invalid:.1%} of the characters fit none of {', '.join(candidates)}")
 
 
-def extract_text(html: str, spec: ExtractSpec) -> str:
-    if spec.engine == "trafilatura":
+def html_to_text(spec: ExtractSpec) -> Callable[[str], str]:
+    """The engine's HTML-to-main-text function. Its package is imported here, once, so a missing or
+    broken install raises ImportError now rather than failing on every page."""
+    if spec.engine == Engine.trafilatura:
         import trafilatura
 
-        return trafilatura.extract(html, include_comments=not spec.main_content, include_tables=True,
-                                   favor_recall=not spec.main_content) or ""
+        def with_trafilatura(html: str) -> str:
+            return trafilatura.extract(html, include_comments=not spec.main_content, include_tables=True,
+                                       favor_recall=not spec.main_content) or ""
+        return with_trafilatura
+
     from resiliparse.extract.html2text import extract_plain_text
 
-    text = extract_plain_text(html, main_content=spec.main_content, alt_texts=False, links=False, list_bullets=True)
-    if not text.strip() and spec.main_content:
-        # resiliparse's main-content heuristics find nothing on some layouts; the whole page's
-        # text then goes on to the quality rules, which judge its boilerplate.
-        text = extract_plain_text(html, main_content=False, alt_texts=False, links=False, list_bullets=True)
-    return text
+    def with_resiliparse(html: str) -> str:
+        text = extract_plain_text(html, main_content=spec.main_content, alt_texts=False, links=False,
+                                  list_bullets=True)
+        if not text.strip() and spec.main_content:
+            # resiliparse's main-content heuristics find nothing on some layouts; the whole page's
+            # text then goes on to the quality rules, which judge its boilerplate.
+            text = extract_plain_text(html, main_content=False, alt_texts=False, links=False, list_bullets=True)
+        return text
+    return with_resiliparse

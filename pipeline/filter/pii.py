@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Dict
 
+from pipeline.errors import check
+
 EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w-])")
 IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.]*\d)")
 IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
@@ -28,6 +30,11 @@ class PiiSpec:
     phone: str = "<PHONE>"
     min_phone_digits: int = 9  # shorter digit groups (dates, prices, years) are not phone numbers
     max_phone_digits: int = 15  # E.164's limit
+
+    def __post_init__(self):
+        check(self.min_phone_digits >= 1, "min_phone_digits", self.min_phone_digits, "at least 1")
+        check(self.max_phone_digits >= self.min_phone_digits, "max_phone_digits", self.max_phone_digits,
+              f"at least min_phone_digits ({self.min_phone_digits})")
 
 
 def _is_ip(candidate: str) -> bool:

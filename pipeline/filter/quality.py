@@ -10,6 +10,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from pipeline.errors import BadInput, check
+
 # Gopher's stop-word rule asks for a few of the commonest function words of the language.
 STOP_WORDS = {
     "en": {"the", "be", "to", "of", "and", "that", "have", "with"},
@@ -46,6 +48,21 @@ class GopherSpec:
     max_duplicate_ngram_char_fraction: Dict[int, float] = field(
         default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10})
 
+    def __post_init__(self):
+        for key in ("min_words", "min_mean_word_length", "max_symbol_word_ratio", "min_stop_words"):
+            check(getattr(self, key) >= 0, key, getattr(self, key), "at least 0")
+        check(self.max_words >= self.min_words, "max_words", self.max_words, f"at least min_words ({self.min_words})")
+        check(self.max_mean_word_length >= self.min_mean_word_length, "max_mean_word_length",
+              self.max_mean_word_length, f"at least min_mean_word_length ({self.min_mean_word_length})")
+        for key in ("max_bullet_line_fraction", "max_ellipsis_line_fraction", "min_alpha_word_fraction",
+                    "max_duplicate_line_fraction", "max_duplicate_paragraph_fraction",
+                    "max_duplicate_line_char_fraction", "max_duplicate_paragraph_char_fraction"):
+            check(0 <= getattr(self, key) <= 1, key, getattr(self, key), "in [0, 1]")
+        for key in ("max_top_ngram_char_fraction", "max_duplicate_ngram_char_fraction"):
+            for n, limit in getattr(self, key).items():
+                check(int(n) >= 1, f"{key}.{n}", n, "an n-gram length of at least 1")
+                check(0 <= limit <= 1, f"{key}.{n}", limit, "in [0, 1]")
+
 
 @dataclass
 class C4Spec:
@@ -56,6 +73,12 @@ class C4Spec:
     reject_curly_braces: bool = True  # '{' is the mark of code or templates left in the text
     bad_words_file: Optional[str] = None  # one word or phrase per line; None: no bad-word rule
     max_bad_words: int = 0  # more occurrences than this: rejected
+
+    def __post_init__(self):
+        check(0 <= self.max_no_terminal_punct_line_fraction <= 1, "max_no_terminal_punct_line_fraction",
+              self.max_no_terminal_punct_line_fraction, "in [0, 1]")
+        check(self.min_sentences >= 0, "min_sentences", self.min_sentences, "at least 0")
+        check(self.max_bad_words >= 0, "max_bad_words", self.max_bad_words, "at least 0")
 
 
 @dataclass
@@ -72,8 +95,6 @@ class Rule:
 
 
 def load_word_list(path: str) -> List[str]:
-    from pipeline.errors import BadInput
-
     try:
         with open(path, encoding="utf-8") as fh:
             return [w.strip().lower() for w in fh if w.strip() and not w.startswith("#")]

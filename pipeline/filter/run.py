@@ -12,6 +12,7 @@ import multiprocessing
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from enum import StrEnum
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
@@ -21,12 +22,19 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from pipeline.data.sources import resolve_files
-from pipeline.errors import BadInput
-from pipeline.filter.records import (Record, file_format, read_html, read_jsonl, read_parquet, read_warc)
-from pipeline.filter.steps import STEPS, Filter, Outcome, StepsSpec
+from pipeline.errors import BadInput, check, choice
+from pipeline.filter.records import Record, file_format, read_html, read_jsonl, read_parquet, read_warc
+from pipeline.filter.steps import STEPS, Doc, Drop, Step, StepsSpec, build_steps, first_drop, metric_names
 
 FLUSH_ROWS = 500
 SAMPLE_CHARS = 2000
+
+
+class Format(StrEnum):
+    warc = "warc"  # WARC or WET
+    html = "html"
+    jsonl = "jsonl"
+    parquet = "parquet"
 
 
 @dataclass
@@ -34,7 +42,7 @@ class CrawlSource:
     """One named crawl input: WARC/WET, HTML files, or JSONL/Parquet with a text or html field."""
 
     path: str  # a file, a directory (searched recursively) or a glob
-    format: Optional[str] = None  # warc | html | jsonl | parquet; None: from each file's extension
+    format: Optional[Format] = None  # None: from each file's extension
     text_field: str = "text"  # JSONL/Parquet: field with extracted text ...
     html_field: str = "html"  # ... or with raw HTML (used when the text field is absent)
     url_field: str = "url"
@@ -42,6 +50,11 @@ class CrawlSource:
     url_index: Optional[str] = None  # HTML files: a JSONL of {"path": relative to the index's folder, "url": ...}
     exclude: List[str] = field(default_factory=list)  # glob patterns of paths to leave out
     max_files: Optional[int] = None  # only the first N files (sorted), for quick runs
+
+    def __post_init__(self):
+        if self.format is not None:
+            self.format = choice(Format, self.format, "format")
+        check(self.max_files is None or self.max_files >= 0, "max_files", self.max_files, "at least 0 or null")
 
 
 @dataclass
@@ -168,35 +181,29 @@ class _ShardWriter:
         self.writer.close()
 
 
-# Set in each worker by _init: the filter (word lists loaded once) and the run's settings.
+# The run's steps (built once, before the workers fork) and settings, read by run_task.
 _STATE: dict = {}
 
 
-def _init(steps: StepsSpec, sources: Dict[str, CrawlSource], out_dir: str, samples_per_rule: int) -> None:
-    flt = Filter(steps)
-    _STATE.update(filter=flt, sources=sources, out_dir=Path(out_dir), samples=samples_per_rule,
-                  schemas=schemas(flt.metric_names()), tox_min=steps.toxicity.min_hits)
-
-
-def _row(f: InputFile, o: Outcome, kept: bool) -> dict:
-    r = o.record
+def _row(f: InputFile, doc: Doc, drop: Optional[Drop]) -> dict:
+    r = doc.record
     row = {"id": doc_id(f, r), "url": r.url, "source": r.source, "file": r.file, "record_id": r.record_id,
-           "date": r.date, "lang": o.lang, "lang_score": o.lang_score, "text": o.text, "metrics": o.metrics or None}
-    if kept:
-        row.update(pii_email=o.pii.get("email", 0), pii_ip_address=o.pii.get("ip_address", 0),
-                   pii_phone=o.pii.get("phone", 0), toxic_words=o.toxic_words,
-                   toxic=o.toxic_words >= _STATE["tox_min"] and o.toxic_words > 0)
+           "date": r.date, "lang": doc.lang, "lang_score": doc.lang_score, "text": doc.text,
+           "metrics": doc.metrics or None}
+    if drop is None:
+        row.update(pii_email=doc.pii.get("email", 0), pii_ip_address=doc.pii.get("ip_address", 0),
+                   pii_phone=doc.pii.get("phone", 0), toxic_words=doc.toxic_words, toxic=doc.toxic)
     else:
-        row.update(step=o.step, rule=o.rule, value=None if o.value is None else float(o.value),
-                   limit=None if o.limit is None else float(o.limit), detail=o.detail[:2000],
-                   raw=r.html if o.text is None else None)
+        row.update(step=drop.step, rule=drop.rule, value=None if drop.value is None else float(drop.value),
+                   limit=None if drop.limit is None else float(drop.limit), detail=drop.detail[:2000],
+                   raw=r.html if doc.text is None else None)
     return row
 
 
 def run_task(args: tuple[int, List[InputFile]]) -> dict:
     """Filter one task's files; write its two shards; return its counts and samples."""
     index, files = args
-    flt: Filter = _STATE["filter"]
+    steps: List[Step] = _STATE["steps"]
     kept_schema, rejected_schema = _STATE["schemas"]
     out: Path = _STATE["out_dir"]
     kept_w = _ShardWriter(out / "kept" / f"part-{index:05d}.parquet", kept_schema)
@@ -206,23 +213,24 @@ def run_task(args: tuple[int, List[InputFile]]) -> dict:
     for f in files:
         stats["bytes_in"] += f.size
         for record in read_file(f, _STATE["sources"][f.source]):
-            o = flt(record)
+            doc = Doc(record)
+            drop = first_drop(steps, doc)
             stats["input"][f.source] += 1
-            if o.kept:
+            row = _row(f, doc, drop)
+            if drop is None:
                 stats["kept"][f.source] += 1
-                stats["chars_kept"] += len(o.text)
-                stats["pii"].update(o.pii)
-                stats["toxic"][f.source] += int(o.toxic_words >= _STATE["tox_min"] and o.toxic_words > 0)
-                kept_w.add(_row(f, o, kept=True))
+                stats["chars_kept"] += len(doc.text)
+                stats["pii"].update(doc.pii)
+                stats["toxic"][f.source] += int(doc.toxic)
+                kept_w.add(row)
             else:
                 stats["rejected"][f.source] += 1
-                stats["rules"][o.rule][f.source] += 1
-                row = _row(f, o, kept=False)
-                if len(stats["samples"][o.rule]) < _STATE["samples"]:
+                stats["rules"][drop.rule][f.source] += 1
+                if len(stats["samples"][drop.rule]) < _STATE["samples"]:
                     sample = {k: row[k] for k in ("id", "url", "source", "file", "record_id", "rule", "value", "limit",
                                                   "detail", "lang", "lang_score")}
-                    sample["text"] = (o.text or "")[:SAMPLE_CHARS]
-                    stats["samples"][o.rule].append(sample)
+                    sample["text"] = (doc.text or "")[:SAMPLE_CHARS]
+                    stats["samples"][drop.rule].append(sample)
                 rej_w.add(row)
     kept_w.close()
     rej_w.close()
@@ -234,16 +242,18 @@ def run_filter(sources: Dict[str, CrawlSource], steps: StepsSpec, out_dir: Path,
     """Filter every source into ``out_dir``/kept and ``out_dir``/rejected; return merged statistics."""
     files = resolve_inputs(sources)
     tasks = list(enumerate(plan_tasks(files, num_proc)))
-    init_args = (steps, sources, str(out_dir), samples_per_rule)
+    built = build_steps(steps)  # here, once: a bad word list or a broken package fails before any work
+    # Forked workers inherit the built steps (the language model and word lists are loaded once).
+    _STATE.update(steps=built, sources=sources, out_dir=Path(out_dir), samples=samples_per_rule,
+                  schemas=schemas(metric_names(built)))
     results: Dict[int, dict] = {}
     bar = tqdm(total=len(files), desc="Filtering", unit="file")
     if num_proc <= 1 or len(tasks) == 1:
-        _init(*init_args)
         for index, task in tasks:
             results[index] = run_task((index, task))
             bar.update(len(task))
     else:
-        with multiprocessing.get_context("fork").Pool(min(num_proc, len(tasks)), _init, init_args) as pool:
+        with multiprocessing.get_context("fork").Pool(min(num_proc, len(tasks))) as pool:
             sizes = {index: len(task) for index, task in tasks}
             done = pool.imap_unordered(_indexed, tasks)
             for index, stats in done:

@@ -1,21 +1,32 @@
-"""The filter's steps in order, applied to one record: each record ends kept or rejected by one rule.
+"""The filter's steps: each is built once from its spec and answers, for one document, keep or drop.
 
-read -> urls -> extract -> langid -> gopher -> c4 -> (toxicity, when it rejects); kept documents
-then get PII redaction and the toxicity flag. A switched-off step is skipped.
+``build_steps`` turns a ``StepsSpec`` into the ordered list, leaving switched-off steps out:
+
+    read -> urls -> extract -> langid -> quality (gopher, then c4) -> toxicity -> pii
+
+A step is called with a ``Doc`` and returns ``KEEP`` (None) or a ``Drop`` that names the rule, the
+measured value, the limit and a detail. It may enrich the document on the way (extracted text,
+language, metrics, toxic words, redacted text). The caller runs the steps in order, stops at the
+first drop and does the bookkeeping: it counts reasons, writes rejected documents with theirs and
+computes the funnel. Optional packages are imported when a step is built, so a missing or broken
+install fails at once, naming what to install, instead of rejecting every page.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Protocol
 
-from pipeline.filter.extract import TEXT_TYPES, ExtractSpec, UndecodableError, decode_html, extract_text
-from pipeline.filter.langid import LangIdSpec, identify
+from pipeline.errors import PipelineError, check
+from pipeline.filter.extract import PIP, TEXT_TYPES, Engine, ExtractSpec, UndecodableError, decode_html, html_to_text
+from pipeline.filter.langid import LangIdSpec, identify, known_languages
 from pipeline.filter.pii import PiiSpec, redact
-from pipeline.filter.quality import (C4Spec, GopherSpec, count_listed, document_metrics, first_failure,
-                                     listed_hits, load_word_list, normalise_words, rules)
+from pipeline.filter.quality import (C4Spec, GopherSpec, count_listed, document_metrics, first_failure, listed_hits,
+                                     load_word_list, normalise_words, rules)
 from pipeline.filter.records import Record
 from pipeline.filter.urls import UrlSpec, build_lists
 
+# The funnel's stages in order: every drop's rule starts with one of these ("gopher.min_words").
 STEPS = ("read", "urls", "extract", "langid", "gopher", "c4", "toxicity")
 
 
@@ -26,10 +37,13 @@ class ToxicitySpec:
     min_hits: int = 1  # flagged when a document holds at least this many listed words
     reject: bool = False  # False: only flag (columns toxic, toxic_words); True: reject flagged documents
 
+    def __post_init__(self):
+        check(self.min_hits >= 1, "min_hits", self.min_hits, "at least 1")
+
 
 @dataclass
 class StepsSpec:
-    """Every step's settings, in the order the steps run."""
+    """Every step's settings; build_steps gives the order the steps run in."""
 
     urls: UrlSpec = field(default_factory=UrlSpec)
     extract: ExtractSpec = field(default_factory=ExtractSpec)
@@ -41,118 +55,234 @@ class StepsSpec:
 
 
 @dataclass
-class Outcome:
-    """What became of one record."""
+class Doc:
+    """One record on its way through the steps, with what they found out about it."""
 
     record: Record
-    text: Optional[str] = None
+    text: Optional[str] = None  # set by extract; redacted by pii
     lang: Optional[str] = None
     lang_score: Optional[float] = None
     metrics: Dict[str, Optional[float]] = field(default_factory=dict)
-    rule: Optional[str] = None  # None: kept
-    value: Optional[float] = None
-    limit: Optional[float] = None
-    detail: str = ""
-    pii: Dict[str, int] = field(default_factory=dict)
     toxic_words: int = 0
+    toxic: bool = False
+    pii: Dict[str, int] = field(default_factory=dict)  # kind -> placeholders put in
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Why a document is rejected: ``rule`` is "<funnel stage>.<rule>", e.g. gopher.min_words."""
+
+    rule: str
+    value: Optional[float] = None  # what was measured
+    limit: Optional[float] = None  # the threshold it broke
+    detail: str = ""
 
     @property
-    def kept(self) -> bool:
-        return self.rule is None
-
-    @property
-    def step(self) -> Optional[str]:
-        return None if self.rule is None else self.rule.split(".", 1)[0]
+    def step(self) -> str:
+        return self.rule.split(".", 1)[0]
 
 
-class Filter:
-    """Built once per worker from the specs; ``__call__`` decides one record."""
+KEEP = None
 
-    def __init__(self, spec: StepsSpec):
+
+class Step(Protocol):
+    name: str
+
+    def __call__(self, doc: Doc) -> Optional[Drop]: ...
+
+
+class ReadErrors:
+    """Records the reader could not read (truncated, corrupt, empty file) are dropped with its reason."""
+
+    name = "read"
+
+    def __call__(self, doc: Doc) -> Optional[Drop]:
+        r = doc.record
+        return Drop(f"read.{r.error}", detail=r.error_detail) if r.error else KEEP
+
+
+class UrlLists:
+    """Drops documents whose URL is on the blocklist, then those on the opt-out list."""
+
+    name = "urls"
+
+    def __init__(self, spec: UrlSpec):
+        self.block, self.optout = build_lists(spec)
+
+    def __call__(self, doc: Doc) -> Optional[Drop]:
+        if hit := self.block.match(doc.record.url):
+            return Drop("urls.blocklist", detail=hit)
+        if hit := self.optout.match(doc.record.url):
+            return Drop("urls.optout", detail=hit)
+        return KEEP
+
+
+class Extract:
+    """Sets ``doc.text``: the record's text, or its HTML decoded and (when enabled) reduced to the main text."""
+
+    name = "extract"
+
+    def __init__(self, spec: ExtractSpec):
         self.spec = spec
-        self.block, self.optout = build_lists(spec.urls) if spec.urls.enabled else (None, None)
-        self.gopher = spec.gopher if spec.gopher.enabled else None
-        self.c4 = spec.c4 if spec.c4.enabled else None
-        self.bad_words = load_word_list(spec.c4.bad_words_file) if self.c4 and spec.c4.bad_words_file else []
-        self.toxic_words = (load_word_list(spec.toxicity.words_file)
-                            if spec.toxicity.enabled and spec.toxicity.words_file else [])
-        self.rules = rules(self.gopher, self.c4)
-        self.languages = set(spec.langid.languages)
+        with _reported(Engine.resiliparse, "filter.extract (charset detection)"):
+            from resiliparse.parse.encoding import detect_encoding  # noqa: F401  decode_html's, checked now
+        self.to_text = None
+        if spec.enabled:
+            with _reported(spec.engine, f"filter.extract.engine={spec.engine}"):
+                self.to_text = html_to_text(spec)
+        self.min_chars = max(spec.min_chars, 1)
 
-    def metric_names(self) -> List[str]:
-        probe = document_metrics("a b", "en", self.gopher, self.c4, ["x"] if self.bad_words else [])
-        return list(probe)
-
-    def __call__(self, record: Record) -> Outcome:
-        out = Outcome(record)
-        if record.error:
-            return self._reject(out, f"read.{record.error}", detail=record.error_detail)
-        if self.block is not None:
-            hit = self.block.match(record.url)
-            if hit:
-                return self._reject(out, "urls.blocklist", detail=hit)
-            hit = self.optout.match(record.url)
-            if hit:
-                return self._reject(out, "urls.optout", detail=hit)
-        if not self._text(out):
-            return out
-        if self.spec.langid.enabled:
-            out.lang, out.lang_score = identify(out.text, self.spec.langid.max_chars)
-            if self.languages and out.lang not in self.languages:
-                return self._reject(out, "langid.language", value=out.lang_score, detail=out.lang)
-            if out.lang_score < self.spec.langid.min_score:
-                return self._reject(out, "langid.min_score", value=out.lang_score, limit=self.spec.langid.min_score,
-                                    detail=out.lang)
-        if self.rules:
-            out.metrics = document_metrics(out.text, out.lang, self.gopher, self.c4, self.bad_words)
-            failed = first_failure(out.metrics, self.rules)
-            if failed is not None:
-                detail = self._which_words(out.text, self.bad_words) if failed.name == "c4.bad_words" else ""
-                return self._reject(out, failed.name, value=out.metrics[failed.metric], limit=failed.limit,
-                                    detail=detail)
-        if self.toxic_words:
-            out.toxic_words = count_listed(normalise_words(out.text), out.text.lower(), self.toxic_words)
-            if self.spec.toxicity.reject and out.toxic_words >= self.spec.toxicity.min_hits:
-                return self._reject(out, "toxicity.words", value=out.toxic_words, limit=self.spec.toxicity.min_hits,
-                                    detail=self._which_words(out.text, self.toxic_words))
-        if self.spec.pii.enabled:
-            out.text, out.pii = redact(out.text, self.spec.pii)
-        return out
-
-    def _text(self, out: Outcome) -> bool:
-        """Set ``out.text`` from the record; False (and the outcome rejected) when there is none."""
-        record, spec = out.record, self.spec.extract
+    def __call__(self, doc: Doc) -> Optional[Drop]:
+        record = doc.record
         if record.text is not None:
-            out.text = record.text
+            doc.text = record.text
         else:
             if record.content_type not in TEXT_TYPES:
-                self._reject(out, "extract.content_type", detail=record.content_type or "")
-                return False
+                return Drop("extract.content_type", detail=record.content_type or "")
             try:
-                html, _ = decode_html(record.html, record.charset, spec.max_invalid_char_fraction)
+                html, _ = decode_html(record.html, record.charset, self.spec.max_invalid_char_fraction)
             except UndecodableError as e:
-                self._reject(out, "extract.undecodable", detail=str(e))
-                return False
-            if not spec.enabled:
-                out.text = html
+                return Drop("extract.undecodable", detail=str(e))
+            if self.to_text is None:
+                doc.text = html
             else:
                 try:
-                    out.text = extract_text(html, spec)
+                    doc.text = self.to_text(html)
                 except Exception as e:  # an extractor's crash on one page must not stop the corpus
-                    self._reject(out, "extract.error", detail=f"{type(e).__name__}: {e}")
-                    return False
-        chars = len(out.text.strip())
-        if chars < max(spec.min_chars, 1):
-            self._reject(out, "extract.no_text", value=chars, limit=max(spec.min_chars, 1))
-            return False
-        return True
+                    return Drop("extract.error", detail=f"{type(e).__name__}: {e}")
+        chars = len(doc.text.strip())
+        if chars < self.min_chars:
+            return Drop("extract.no_text", value=chars, limit=self.min_chars)
+        return KEEP
 
-    @staticmethod
-    def _which_words(text: str, listed: List[str]) -> str:
-        hits = listed_hits(normalise_words(text), text.lower(), listed)
-        return ", ".join(f"{w} ({n})" for w, n in hits.most_common(10))
 
-    @staticmethod
-    def _reject(out: Outcome, rule: str, value: Any = None, limit: Any = None, detail: str = "") -> Outcome:
-        out.rule, out.value, out.limit, out.detail = rule, value, limit, detail
-        return out
+class LanguageId:
+    """Sets ``doc.lang`` and ``doc.lang_score``; drops other languages and unsure answers."""
+
+    name = "langid"
+
+    def __init__(self, spec: LangIdSpec):
+        self.spec = spec
+        with _reported("py3langid", "filter.langid"):
+            known = set(known_languages())  # loads the bundled model once, before any worker forks
+        unknown = [lang for lang in spec.languages if lang not in known]
+        if unknown:
+            raise PipelineError(f"config key 'filter.langid.languages' has {', '.join(map(repr, unknown))}, which "
+                                f"py3langid does not know; use ISO 639-1 codes such as en, de, fr")
+        self.languages = set(spec.languages)
+
+    def __call__(self, doc: Doc) -> Optional[Drop]:
+        doc.lang, doc.lang_score = identify(doc.text, self.spec.max_chars)
+        if self.languages and doc.lang not in self.languages:
+            return Drop("langid.language", value=doc.lang_score, detail=doc.lang)
+        if doc.lang_score < self.spec.min_score:
+            return Drop("langid.min_score", value=doc.lang_score, limit=self.spec.min_score, detail=doc.lang)
+        return KEEP
+
+
+class QualityRules:
+    """Gopher's and C4's rules: measures every metric once (``doc.metrics``), drops on the first rule broken.
+
+    One step for both rule sets, so a rejected document keeps all its measurements whichever rule
+    removed it; its rule names still say which set (gopher.* or c4.*), and so does the funnel.
+    """
+
+    name = "quality"
+
+    def __init__(self, gopher: Optional[GopherSpec], c4: Optional[C4Spec]):
+        self.gopher, self.c4 = gopher, c4
+        self.bad_words = load_word_list(c4.bad_words_file) if c4 and c4.bad_words_file else []
+        self.rules = rules(gopher, c4)
+
+    def metric_names(self) -> List[str]:
+        return list(document_metrics("a b", "en", self.gopher, self.c4, ["x"] if self.bad_words else []))
+
+    def __call__(self, doc: Doc) -> Optional[Drop]:
+        doc.metrics = document_metrics(doc.text, doc.lang, self.gopher, self.c4, self.bad_words)
+        failed = first_failure(doc.metrics, self.rules)
+        if failed is None:
+            return KEEP
+        detail = which_words(doc.text, self.bad_words) if failed.name == "c4.bad_words" else ""
+        return Drop(failed.name, value=doc.metrics[failed.metric], limit=failed.limit, detail=detail)
+
+
+class ToxicWords:
+    """Counts listed toxic words (``doc.toxic_words``, ``doc.toxic``); drops flagged documents if asked to."""
+
+    name = "toxicity"
+
+    def __init__(self, spec: ToxicitySpec, words: List[str]):
+        self.spec, self.words = spec, words
+
+    def __call__(self, doc: Doc) -> Optional[Drop]:
+        doc.toxic_words = count_listed(normalise_words(doc.text), doc.text.lower(), self.words)
+        doc.toxic = doc.toxic_words >= self.spec.min_hits
+        if self.spec.reject and doc.toxic:
+            return Drop("toxicity.words", value=doc.toxic_words, limit=self.spec.min_hits,
+                        detail=which_words(doc.text, self.words))
+        return KEEP
+
+
+class RedactPii:
+    """Replaces e-mail addresses, IP addresses and phone numbers in ``doc.text``; never drops."""
+
+    name = "pii"
+
+    def __init__(self, spec: PiiSpec):
+        self.spec = spec
+
+    def __call__(self, doc: Doc) -> Optional[Drop]:
+        doc.text, doc.pii = redact(doc.text, self.spec)
+        return KEEP
+
+
+def build_steps(spec: StepsSpec) -> List[Step]:
+    """The enabled steps in the order they run. Word lists are read and optional packages imported here."""
+    steps: List[Step] = [ReadErrors()]
+    if spec.urls.enabled:
+        steps.append(UrlLists(spec.urls))
+    steps.append(Extract(spec.extract))  # always: the later steps need text (enabled: false keeps the HTML)
+    if spec.langid.enabled:
+        steps.append(LanguageId(spec.langid))
+    gopher = spec.gopher if spec.gopher.enabled else None
+    c4 = spec.c4 if spec.c4.enabled else None
+    if gopher or c4:
+        steps.append(QualityRules(gopher, c4))
+    toxic = load_word_list(spec.toxicity.words_file) if spec.toxicity.enabled and spec.toxicity.words_file else []
+    if toxic:
+        steps.append(ToxicWords(spec.toxicity, toxic))
+    if spec.pii.enabled:
+        steps.append(RedactPii(spec.pii))  # last: only kept documents are redacted
+    return steps
+
+
+def first_drop(steps: List[Step], doc: Doc) -> Optional[Drop]:
+    """Run ``doc`` through ``steps`` in order; the first drop ends its way (None: kept)."""
+    for step in steps:
+        drop = step(doc)
+        if drop is not None:
+            return drop
+    return KEEP
+
+
+def metric_names(steps: List[Step]) -> List[str]:
+    """The names in ``Doc.metrics``; at least "words", so the Parquet struct of metrics is never empty."""
+    quality = next((s for s in steps if isinstance(s, QualityRules)), QualityRules(None, None))
+    return quality.metric_names()
+
+
+def which_words(text: str, listed: List[str]) -> str:
+    """The listed words and phrases found in ``text``, commonest first: "spam (3), scam (1)"."""
+    hits = listed_hits(normalise_words(text), text.lower(), listed)
+    return ", ".join(f"{w} ({n})" for w, n in hits.most_common(10))
+
+
+@contextmanager
+def _reported(package: str, needed_by: str) -> Iterator[None]:
+    """Turns an ImportError while a step is built into one line naming the package and how to install it."""
+    try:
+        yield
+    except ImportError as e:
+        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PipelineError(f"{needed_by} needs the package {package}, which cannot be imported ({cause}): "
+                            f"pip install {PIP.get(package, package)}") from None

@@ -12,7 +12,7 @@ from pipeline.filter.quality import load_word_list
 class UrlSpec:
     enabled: bool = True
     blocklist: List[str] = field(default_factory=list)  # domains (a domain blocks its subdomains) or URL prefixes
-    blocklist_files: List[str] = field(default_factory=list)  # files with one domain or URL prefix per line
+    blocklist_files: List[str] = field(default_factory=list)  # files, one entry per line; '#' starts a comment
     optout: List[str] = field(default_factory=list)  # the same forms, for data-consent opt-outs
     optout_files: List[str] = field(default_factory=list)
 

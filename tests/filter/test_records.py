@@ -75,3 +75,21 @@ def test_parquet_with_an_html_column(tmp_path):
     pq.write_table(pa.table({"html": ["<p>a</p>", "<p>b</p>"], "url": ["u1", "u2"]}), path)
     records = list(read_parquet("p", str(path), "text", "html", "url", "date"))
     assert [(r.html, r.url, r.record_id) for r in records] == [(b"<p>a</p>", "u1", "row 0"), (b"<p>b</p>", "u2", "row 1")]
+
+
+def _response(http: bytes, n: int) -> bytes:
+    head = (f"WARC/1.0\r\nWARC-Type: response\r\nWARC-Record-ID: <urn:uuid:{n}>\r\nWARC-Target-URI: http://x.example/{n}\r\n"
+            f"Content-Type: application/http; msgtype=response\r\nContent-Length: {len(http)}\r\n\r\n")
+    return head.encode() + http + b"\r\n\r\n"
+
+
+def test_chunk_extensions_are_read_and_a_cut_chunked_body_is_a_bad_record(tmp_path):
+    # Why records.py decodes chunks itself: fastwarc's ChunkedReader refuses chunk extensions
+    # (legal HTTP/1.1) and accepts a body without its final chunk.
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nTransfer-Encoding: chunked\r\n\r\n"
+    path = tmp_path / "chunked.warc"
+    path.write_bytes(_response(head + b"6;ext=1\r\n<p>hi \r\n4\r\nyou.\r\n0\r\n\r\n", 1)
+                     + _response(head + b"6\r\n<p>hi \r\n", 2))
+    ok, cut = read_warc("w", str(path))
+    assert (ok.error, ok.html, ok.charset) == (None, b"<p>hi you.", "utf-8")
+    assert cut.error == "bad_http" and cut.record_id == "<urn:uuid:2>"

@@ -1,18 +1,15 @@
-"""The filter's steps one at a time: charset handling, language, URL lists, quality rules, PII."""
+"""The filter's rules one at a time: charset handling, main text, language, URL lists, quality rules, PII."""
 from __future__ import annotations
 
 import gzip
 
 import pytest
 
-from pipeline.filter.extract import ExtractSpec, UndecodableError, decode_html, extract_text
+from pipeline.filter.extract import ExtractSpec, UndecodableError, decode_html, html_to_text
 from pipeline.filter.langid import identify
 from pipeline.filter.pii import PiiSpec, redact
-from pipeline.filter.langid import LangIdSpec
 from pipeline.filter.quality import STOP_WORDS, C4Spec, GopherSpec, document_metrics, first_failure, rules
-from pipeline.filter.records import Record
-from pipeline.filter.steps import Filter, StepsSpec, ToxicitySpec
-from pipeline.filter.urls import UrlList, UrlSpec
+from pipeline.filter.urls import UrlList
 
 PROSE = ("The committee met on Tuesday to review the plan. It agreed that the budget should be cut, "
          "and that the work would start in spring with a small team. Members asked for a report on the "
@@ -58,15 +55,6 @@ def test_terminal_punctuation_and_sentences():
     assert _fail("one two three four five six seven eight nine ten " * 6 + "end.", gopher=None) == "c4.min_sentences"
 
 
-def test_switched_off_steps_do_not_reject():
-    no_langid = LangIdSpec(enabled=False)
-    f = Filter(StepsSpec(langid=no_langid))
-    f_off = Filter(StepsSpec(langid=no_langid, gopher=GopherSpec(enabled=False), c4=C4Spec(enabled=False)))
-    record = Record("s", "f", "1", text="Too short to pass.")
-    assert f(record).rule == "gopher.min_words"
-    assert f_off(Record("s", "f", "1", text="Too short to pass.")).kept
-
-
 def test_declared_charset_wins_when_it_fits_and_detection_fixes_a_wrong_label():
     page = "<html><body><p>Grüße aus Köln, schöne Straße.</p></body></html>"
     assert decode_html(page.encode("utf-8"), "utf-8") == (page, "utf-8")
@@ -85,10 +73,10 @@ def test_a_few_stray_bytes_are_replaced_but_binary_junk_is_undecodable():
 def test_main_text_extraction_drops_boilerplate(data_dir):
     raw = gzip.open(data_dir / "crawl/html/mozilla_readability/wikipedia/source.html.gz").read()
     html, _ = decode_html(raw, None)
-    main = extract_text(html, ExtractSpec())
-    whole = extract_text(html, ExtractSpec(main_content=False))
+    main = html_to_text(ExtractSpec())(html)
+    whole = html_to_text(ExtractSpec(main_content=False))(html)
     assert "Mozilla" in main and len(main) < len(whole)
-    other = extract_text(html, ExtractSpec(engine="trafilatura"))
+    other = html_to_text(ExtractSpec(engine="trafilatura"))(html)
     assert "Mozilla" in other and len(other) < len(whole)
 
 
@@ -120,27 +108,3 @@ def test_pii_placeholders_and_counts():
     for kept in ("1.2.3.4.5", "999.1.1.1", "2024", "12:30", "3.14", "2020-01-15", "logo@2x.png", "2022-07-14 11:21:50"):
         assert kept in out, kept
     assert redact(text, PiiSpec(email=""))[1]["email"] == 0
-
-
-def test_toxicity_flags_by_default_and_rejects_when_asked(tmp_path):
-    words = tmp_path / "toxic.txt"
-    words.write_text("# comment line\nscumbag\ngo away\n")
-    text = f"{PROSE} He called the mayor a scumbag and told him to go away."
-    no_langid = LangIdSpec(enabled=False)
-    flag = Filter(StepsSpec(langid=no_langid, toxicity=ToxicitySpec(words_file=str(words))))
-    out = flag(Record("s", "f", "1", text=text))
-    assert out.kept and out.toxic_words == 2
-    strict = Filter(StepsSpec(langid=no_langid, toxicity=ToxicitySpec(words_file=str(words), reject=True)))
-    out = strict(Record("s", "f", "1", text=text))
-    assert out.rule == "toxicity.words" and out.value == 2 and "scumbag (1)" in out.detail
-
-
-def test_blocklist_and_optout_files(tmp_path):
-    (tmp_path / "block.txt").write_text("spam.example\n")
-    (tmp_path / "optout.txt").write_text("# owners who said no\nhttps://news.example/archive/\n")
-    f = Filter(StepsSpec(urls=UrlSpec(blocklist_files=[str(tmp_path / "block.txt")],
-                                      optout_files=[str(tmp_path / "optout.txt")])))
-    assert f(Record("s", "f", "1", url="http://shop.spam.example/x", text=PROSE)).rule == "urls.blocklist"
-    out = f(Record("s", "f", "2", url="https://news.example/archive/2020/a", text=PROSE))
-    assert out.rule == "urls.optout" and out.detail == "https://news.example/archive/"
-    assert f(Record("s", "f", "3", url="https://news.example/today", text=PROSE)).kept

@@ -11,10 +11,10 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf, open_dict
 
 from pipeline import PROJECT_ROOT
 from pipeline.contract import MANIFEST, execute_stage
+from pipeline.filter.run import CrawlSource
 from pipeline.stages import load_stage
 from tests.conftest import mlflow_runs, run_cli
 
@@ -52,8 +52,7 @@ def crawl(tmp_path, data_dir) -> dict:
 
 def _cfg(make_cfg, crawl, *overrides, outputs_dir=None):
     cfg = make_cfg("filter.urls.optout=[semanticscholar.org]", *overrides, outputs_dir=outputs_dir)
-    with open_dict(cfg):
-        cfg.filter.sources = OmegaConf.create(crawl)
+    cfg.filter.sources = {name: CrawlSource(**spec) for name, spec in crawl.items()}
     return cfg
 
 
