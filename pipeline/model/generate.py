@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import BadInput, MissingUpstream, PipelineError
-from pipeline.model.gpt import GPT, MODEL_FILE, KVCache, load_model
+from pipeline.model.checkpoints import checkpoint_dir_for, latest_checkpoint
+from pipeline.model.gpt import GPT, MODEL_FILE, KVCache
+from pipeline.model.io import load_pretrained, model_kind, tokenizer_candidates
 
 STRATEGIES = ("greedy", "sample", "beam")
 
@@ -195,24 +197,8 @@ def generate_text(model: GPT, tokenizer, prompt: str, spec: DecodeSpec, eos_id: 
     return tokenizer.decode(new, skip_special_tokens=False)
 
 
-def _find_tokenizer(model_path: Path, given: Optional[str]) -> Path:
-    if given is not None:
-        candidates = [Path(given)]
-    elif model_path.is_dir():
-        candidates = [model_path / "tokenizer.json"]
-    else:  # a checkpoint sits in the stage directory or in a checkpoints/ folder below it
-        candidates = [model_path.parent / "tokenizer.json", model_path.parent.parent / "tokenizer.json"]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise MissingUpstream(f"{' or '.join(map(str, candidates))} is missing: pass --tokenizer <tokenizer.json>")
-
-
 def newest_weights(stage_dir: Path) -> Path:
     """The stage directory, or the newest checkpoint of a run of it in progress or interrupted if that is newer."""
-    from pipeline.contract import checkpoint_dir_for
-    from pipeline.train.callbacks import latest_checkpoint
-
     newest = latest_checkpoint(checkpoint_dir_for(stage_dir))
     published = stage_dir / MODEL_FILE
     if newest is not None and (not published.is_file() or newest.stat().st_mtime > published.stat().st_mtime):
@@ -222,19 +208,21 @@ def newest_weights(stage_dir: Path) -> Path:
 
 
 def load_for_generation(path: Path, tokenizer_path: Optional[str] = None):
-    """(model, tokenizer) from a stage directory (model.pt, tokenizer.json) or a Lightning .ckpt."""
+    """(model, tokenizer) from what ``load_pretrained`` reads, preferring a newer checkpoint of a stage directory."""
     from tokenizers import Tokenizer
 
-    if path.suffix not in (".ckpt", ".pt"):
-        path = newest_weights(path)
-    # A path that names no file is taken as a stage directory, so the error names the model.pt it lacks.
-    model_file = path if path.suffix in (".ckpt", ".pt") else path / MODEL_FILE
-    if not model_file.is_file():
-        raise MissingUpstream(f"{model_file} is missing: run 'make pretrain' first")
-    tokenizer = Tokenizer.from_file(str(_find_tokenizer(path, tokenizer_path)))
-    model = load_model(model_file)
+    checkpoint = path.suffix in (".ckpt", ".pt")
+    path = path if checkpoint else newest_weights(path)
+    if model_kind(path) is None:  # a missing directory is taken as a stage's, so the error names its model.pt
+        raise MissingUpstream(f"{path if checkpoint else path / MODEL_FILE} is missing: run 'make pretrain' first")
+    candidates = [Path(tokenizer_path)] if tokenizer_path is not None else tokenizer_candidates(path)
+    tokenizer_json = next((c for c in candidates if c.is_file()), None)
+    if tokenizer_json is None:
+        raise MissingUpstream(f"{' or '.join(map(str, candidates))} is missing: pass --tokenizer <tokenizer.json>")
+    model = load_pretrained(path, "path", tokenizer_json).model
+    tokenizer = Tokenizer.from_file(str(tokenizer_json))
     if tokenizer.get_vocab_size() > model.cfg.vocab_size:
-        raise BadInput(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but {model_file} only "
+        raise BadInput(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but {path} only "
                        f"{model.cfg.vocab_size}: pass the tokenizer it was trained with (--tokenizer)")
     return model, tokenizer
 
@@ -246,7 +234,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         description="Continue a prompt with a trained model (KV-cached decoding) and print prompt + continuation.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("path", type=Path,
-                        help="a stage directory holding model.pt and tokenizer.json, or a Lightning .ckpt file")
+                        help="a stage directory (model.pt, or an sft adapter), a .ckpt or .pt file, or a "
+                             "transformers directory, with tokenizer.json beside it")
     parser.add_argument("--prompt", default="",
                         help="text to continue; empty starts a new document (after the eos token)")
     parser.add_argument("--tokenizer", default=None,

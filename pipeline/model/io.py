@@ -13,11 +13,12 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 from torch import nn
 
 from pipeline.errors import BadInput
+from pipeline.model.checkpoints import checkpoints
 from pipeline.model.gpt import GPT, MODEL_FILE, load_model, save_model
 
 TOKENIZER = "tokenizer.json"
@@ -32,36 +33,57 @@ class Pretrained:
     chat_template: Optional[str] = None  # the Jinja template an sft or merge output was trained with
 
 
-def _tokenizer_near(path: Path, key: str) -> Path:
-    """tokenizer.json in a directory, or beside a file or one folder up (a checkpoint in checkpoints/)."""
-    near = [path] if path.is_dir() else [path.parent, path.parent.parent]
-    found = next((d / TOKENIZER for d in near if (d / TOKENIZER).is_file()), None)
-    if found is None:
-        raise BadInput(f"{key}={path}: no {TOKENIZER} in {' or '.join(map(str, near))}")
-    return found
+def _near(path: Path) -> list[Path]:
+    """Where a model's companions (tokenizer.json, chat template) sit: the directory itself, or beside a
+    file or one folder up (a checkpoint in checkpoints/)."""
+    return [path] if path.is_dir() else [path.parent, path.parent.parent]
 
 
-def load_pretrained(path: Path, key: str = "path") -> Pretrained:
-    """The model at ``path`` (see the module's docstring); ``key`` names the setting in error messages."""
+def tokenizer_candidates(path: Path) -> list[Path]:
+    """The tokenizer.json files that may belong to the model at ``path``, the likeliest first."""
+    return [d / TOKENIZER for d in _near(Path(path))]
+
+
+def model_kind(path: Path) -> Optional[str]:
+    """What ``load_pretrained`` would read at ``path``: transformers, adapter, model, or None (nothing it reads)."""
     path = Path(path)
-    template = path / CHAT_TEMPLATE if path.is_dir() else path.parent / CHAT_TEMPLATE
-    chat_template = template.read_text() if template.is_file() else None
     if path.is_dir() and (path / "config.json").is_file():
+        return "transformers"
+    if path.is_dir() and (path / ADAPTER).is_dir():
+        return "adapter"
+    if (path.is_dir() and (path / MODEL_FILE).is_file()) or (path.is_file() and path.suffix in (".ckpt", ".pt")):
+        return "model"
+    return None
+
+
+def load_pretrained(path: Path, key: str = "path", tokenizer_json: Optional[Path] = None) -> Pretrained:
+    """The model at ``path`` (see the module's docstring); ``key`` names the setting in error messages.
+
+    ``tokenizer_json`` overrides the search for the tokenizer beside the model.
+    """
+    path = Path(path)
+    kind = model_kind(path)
+    if kind is None:
+        raise BadInput(f"{key}={path}: expected a transformers directory (config.json), a stage directory "
+                       f"({MODEL_FILE} or {ADAPTER}/), or a checkpoint (.ckpt, .pt)")
+    if tokenizer_json is None:
+        tokenizer_json = next((c for c in tokenizer_candidates(path) if c.is_file()), None)
+    if tokenizer_json is None:
+        hint = " (a transformers fast tokenizer is needed)" if kind == "transformers" else ""
+        raise BadInput(f"{key}={path}: no {TOKENIZER} in {' or '.join(map(str, _near(path)))}{hint}")
+    template = next((d / CHAT_TEMPLATE for d in _near(path) if (d / CHAT_TEMPLATE).is_file()), None)
+    chat_template = template.read_text() if template else None
+    if kind == "transformers":
         from pipeline.model.export import import_transformers
 
-        if not (path / TOKENIZER).is_file():
-            raise BadInput(f"{key}={path} has no {TOKENIZER} (a transformers fast tokenizer is needed)")
-        return Pretrained(import_transformers(path), path / TOKENIZER, chat_template)
-    if path.is_dir() and (path / ADAPTER).is_dir():
+        model = import_transformers(path)
+    elif kind == "adapter":
         from pipeline.sft.lora import load_adapter
 
-        base = adapter_base(path)
-        model = load_adapter(load_pretrained(base, f"{key} (the adapter's base)").model, path / ADAPTER)
-        return Pretrained(model, _tokenizer_near(path, key), chat_template)
-    if (path.is_dir() and (path / MODEL_FILE).is_file()) or (path.is_file() and path.suffix in (".ckpt", ".pt")):
-        return Pretrained(load_model(path), _tokenizer_near(path, key), chat_template)
-    raise BadInput(f"{key}={path}: expected a transformers directory (config.json), a stage directory ({MODEL_FILE} "
-                   f"or {ADAPTER}/), or a checkpoint (.ckpt, .pt)")
+        model = load_adapter(load_pretrained(adapter_base(path), f"{key} (the adapter's base)").model, path / ADAPTER)
+    else:
+        model = load_model(path)
+    return Pretrained(model, Path(tokenizer_json), chat_template)
 
 
 def adapter_base(stage_dir: Path) -> Path:
@@ -75,12 +97,12 @@ def adapter_base(stage_dir: Path) -> Path:
 def keep_checkpoints(checkpoint_dir: Path, out_dir: Path) -> list[str]:
     """Move a run's step-*.ckpt files into ``out_dir`` (created) and return their names."""
     out_dir.mkdir()
-    for path in sorted(Path(checkpoint_dir).glob("step-*.ckpt")):
+    for path in checkpoints(checkpoint_dir):
         os.replace(path, out_dir / path.name)
     return sorted(p.name for p in out_dir.iterdir())
 
 
-def publish_model(model: GPT, tokenizer_json: Path, out_dir: Path, special: Optional[dict[str, str]] = None,
+def publish_model(model: GPT, tokenizer_json: Path, out_dir: Path, special: Optional[Mapping[str, str]] = None,
                   checkpoint_dir: Optional[Path] = None, chat_template: Optional[str] = None) -> dict:
     """model.pt, tokenizer.json, the checkpoints, the chat template and (``special`` given: bos, eos, pad) hf/.
 

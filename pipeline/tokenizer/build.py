@@ -90,6 +90,19 @@ def _bytes_to_unicode() -> dict[str, int]:
 _BYTE_OF = _bytes_to_unicode()
 
 
+def vocab_bound(tokenizer: Tokenizer) -> int:
+    """One past the largest token id: the rows a model's embedding needs (a given tokenizer.json may leave gaps)."""
+    return max(tokenizer.get_vocab().values()) + 1
+
+
+def token_id(tokenizer: Tokenizer, token: str, where: object, key: str) -> int:
+    """The id of ``token``, or a BadInput naming the tokenizer (``where``) and the setting that chose the token."""
+    found = tokenizer.token_to_id(token)
+    if found is None:
+        raise BadInput(f"{where} has no '{token}' token ({key})")
+    return found
+
+
 def load_tokenizer_file(path: str, special_tokens: list[str]) -> Tokenizer:
     if not os.path.isfile(path):
         raise BadInput(f"tokenizer.path: {path} does not exist")

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import datasets
 import numpy as np
@@ -14,7 +16,10 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from pipeline.data.shards import ShardWriter, token_dtype
+from pipeline.data.shards import ShardWriter, open_shards, token_dtype
+from pipeline.data.sources import SourceSpec, load_documents
+from pipeline.errors import BadInput, check
+from pipeline.tokenizer.build import vocab_bound
 
 TRAIN, VAL, EMPTY = 0, 1, -1
 # Document length histogram bin edges, in tokens (EOS included); the last bin is open-ended.
@@ -158,3 +163,82 @@ def write_token_shards(encoded: datasets.Dataset, out_dir: Path, vocab_size: int
     index = {"dtype": dtype.name, "splits": {name: w.close() for name, w in writers.items()}}
     return {"index": index, "counts": {name: {k: v.tolist() for k, v in c.items()} for name, c in counts.items()},
             "length_histogram": {"bins": LENGTH_BINS, "counts": length_counts.tolist()}}
+
+
+@dataclass
+class EncodeSpec:
+    """How documents become shards: the tokenize stage's settings, which cpt's domain corpus follows too."""
+
+    num_proc: int = 2  # processes for encoding
+    batch_size: int = 5000  # documents per encode batch
+    max_shard_tokens: int = 2**27  # a new shard file starts past this many tokens
+
+    def __post_init__(self):
+        for key in ("num_proc", "batch_size", "max_shard_tokens"):
+            check(getattr(self, key) >= 1, key, getattr(self, key), "at least 1")
+
+
+@dataclass
+class TokenShards:
+    """Train and val token shards in ``dir`` as ``index`` lists them, and the val split's UTF-8 bytes per token
+    (EOS counted: it is predicted like any token, so val loss * tokens / bytes is bits per byte)."""
+
+    dir: Path
+    index: dict
+    val_bytes_per_token: float
+
+    @classmethod
+    def published(cls, directory: Path, manifest: Mapping) -> "TokenShards":
+        """The shards a tokenize stage published, from its directory and manifest."""
+        return cls(Path(directory), manifest["outputs"]["shards"], manifest["metrics"]["tokenize/val_bytes_per_token"])
+
+    def tokens(self, split: str) -> list[np.ndarray]:
+        """The split's shards as memory-mapped token arrays."""
+        return [s.tokens for s in open_shards(self.dir, self.index, split)]
+
+
+@dataclass
+class EncodedCorpus:
+    shards: TokenShards
+    counts: dict  # split (train, val, empty) -> documents, tokens, bytes: one number per source
+    length_histogram: dict  # bins and per-source counts of document lengths in tokens
+
+    def totals(self) -> dict:
+        """``counts`` summed over the sources."""
+        return {split: {key: sum(v) for key, v in c.items()} for split, c in self.counts.items()}
+
+
+def encode_corpus(docs: datasets.Dataset, source_names: list[str], tokenizer: Tokenizer, eos_id: int, out_dir: Path,
+                  spec: EncodeSpec) -> EncodedCorpus:
+    """The held-out documents as text (val.parquet) and both splits as token shards, into ``out_dir``.
+
+    ``docs`` carries assign_splits' columns; the Arrow file of encoded documents is removed afterwards.
+    """
+    out_dir = Path(out_dir)
+    write_val_documents(docs, source_names, out_dir / "val.parquet")  # text, for the evaluate stage
+    scratch = out_dir / "encoded"
+    encoded = encode_documents(docs, tokenizer, eos_id, scratch / "data.arrow", num_proc=spec.num_proc,
+                               batch_size=spec.batch_size)
+    shards = write_token_shards(encoded, out_dir, vocab_bound(tokenizer), spec.max_shard_tokens, len(source_names))
+    encoded.cleanup_cache_files()
+    del encoded
+    shutil.rmtree(scratch, ignore_errors=True)
+    val = shards["counts"]["val"]
+    return EncodedCorpus(TokenShards(out_dir, shards["index"], sum(val["bytes"]) / max(sum(val["tokens"]), 1)),
+                         shards["counts"], shards["length_histogram"])
+
+
+def encode_sources(sources: Mapping[str, SourceSpec], tokenizer: Tokenizer, eos_id: int, out_dir: Path,
+                   val_fraction: float, seed: int, spec: EncodeSpec, cache_dir: Path, key: str) -> EncodedCorpus:
+    """Read ``sources``, hold out ``val_fraction`` of the documents (by hash of their text) and encode both
+    splits into ``out_dir`` (created); ``key`` is the config section named in error messages."""
+    if not sources:
+        raise BadInput(f"{key}.sources is empty: name a corpus, e.g. +{key}.sources.NAME.path=<file>")
+    docs = assign_splits(load_documents(dict(sources), cache_dir=str(cache_dir)), val_fraction=val_fraction,
+                         seed=seed, num_proc=spec.num_proc)
+    Path(out_dir).mkdir()
+    corpus = encode_corpus(docs, list(sources), tokenizer, eos_id, out_dir, spec)
+    if not corpus.totals()["val"]["tokens"]:
+        raise BadInput(f"the validation split of {key}.sources is empty ({len(docs)} documents, {key}.val_fraction="
+                       f"{val_fraction}); raise val_fraction or add documents")
+    return corpus

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import signal
 import time
 from contextlib import contextmanager
@@ -18,24 +17,13 @@ import pytorch_lightning as pl
 import torch
 
 from pipeline.errors import PipelineError, StageKilled
+from pipeline.model.checkpoints import checkpoint_path, checkpoints, latest_checkpoint
+from pipeline.model.generate import DecodeSpec, generate_text
 from pipeline.tracking import signal_handler
-
-CKPT_PATTERN = re.compile(r"step-(\d+)\.ckpt$")
 
 
 class NonFiniteLoss(PipelineError):
     pass
-
-
-def checkpoints(directory: Path) -> list[Path]:
-    """Checkpoints in ``directory``, oldest step first."""
-    found = [(int(m.group(1)), p) for p in Path(directory).glob("step-*.ckpt") if (m := CKPT_PATTERN.search(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(directory: Path) -> Optional[Path]:
-    found = checkpoints(directory) if Path(directory).is_dir() else []
-    return found[-1] if found else None
 
 
 def step_ended(trainer: pl.Trainer, batch_idx: int) -> bool:
@@ -52,7 +40,7 @@ class Checkpointer(pl.Callback):
         self.last: Optional[Path] = latest_checkpoint(self.directory)
 
     def save(self, trainer: pl.Trainer) -> Path:
-        path = self.directory / f"step-{trainer.global_step:06d}.ckpt"
+        path = checkpoint_path(self.directory, trainer.global_step)
         if self.last == path:
             return path
         tmp = path.with_name(path.name + ".tmp")
@@ -200,8 +188,6 @@ class Samples(pl.Callback):
         self.max_new_tokens, self.eos_id = max_new_tokens, eos_id
 
     def text(self, model) -> str:
-        from pipeline.model.generate import DecodeSpec, generate_text
-
         spec = DecodeSpec(strategy="greedy", max_new_tokens=self.max_new_tokens)
         was_training = model.training
         model.eval()

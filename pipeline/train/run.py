@@ -1,19 +1,20 @@
-"""One training run, shared by pretrain and cpt: build the Trainer, resume, fit, evaluate, publish the weights."""
+"""One training run, shared by pretrain and cpt: build the Trainer, resume, fit, evaluate."""
 from __future__ import annotations
 
-import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional, Protocol, Union
 
 import pytorch_lightning as pl
 import torch
+from tokenizers import Tokenizer
 
-from pipeline.model.gpt import non_embedding_params, flops_per_token, save_model
 from pipeline.errors import StageKilled, check
-from pipeline.train.callbacks import (Checkpointer, FiniteLossGuard, GracefulStop, Samples, TrainMetrics,
-                                      evaluation_metrics, latest_checkpoint)
+from pipeline.model.checkpoints import latest_checkpoint
+from pipeline.model.gpt import GPT, ModelConfig, flops_per_token, non_embedding_params
+from pipeline.tokenizer.encode import TokenShards
+from pipeline.train.callbacks import Checkpointer, FiniteLossGuard, GracefulStop, Samples, TrainMetrics, evaluation_metrics
 from pipeline.train.data import TokenDataModule
 from pipeline.train.module import LanguageModel, OptimSpec
 
@@ -173,14 +174,47 @@ def fit(module: LanguageModel, data: TokenDataModule, val_names: list[str], val_
     return TrainOutcome(final, before, str(resume) if resume else None, last)
 
 
-def publish(module: LanguageModel, outcome: TrainOutcome, checkpoint_dir: Path, out_dir: Path,
-            tokenizer_json: Path) -> dict:
-    """Weights (model.pt), tokenizer.json and the kept checkpoints into the stage's output directory."""
-    save_model(module.model, out_dir / "model.pt")
-    shutil.copy2(tokenizer_json, out_dir / "tokenizer.json")
-    kept = out_dir / "checkpoints"
-    kept.mkdir()
-    for path in sorted(Path(checkpoint_dir).glob("step-*.ckpt")):
-        os.replace(path, kept / path.name)
-    return {"model": "model.pt", "tokenizer": "tokenizer.json",
-            "checkpoints": sorted(p.name for p in kept.iterdir()), "model_config": module.model.cfg.as_dict()}
+class Tracker(Protocol):
+    """Where a run's metrics and text artifacts go (the stage's MLflow run)."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None: ...
+
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+
+    def logged_metrics(self, prefix: str) -> dict[str, float]: ...
+
+
+def train_model(init: Union[ModelConfig, GPT], train: TokenShards, val: dict[str, TokenShards], spec: TrainSpec,
+                trainer: TrainerSpec, seed: int, checkpoint_dir: Path, tokenizer_json: Path, eos_id: Optional[int],
+                tracker: Tracker, evaluate_first: bool = False) -> tuple[GPT, TrainOutcome]:
+    """Train a new model of shape ``init`` (a ModelConfig), or continue ``init`` (a GPT), on ``train``'s shards.
+
+    Validation scores the val split of each set in ``val`` (the first is reported unnamed); the run resumes
+    from the newest checkpoint in ``checkpoint_dir``. With ``evaluate_first``, ``outcome.before`` holds the
+    validation before training, measured in the run's first execution.
+    """
+    cfg = init if isinstance(init, ModelConfig) else init.cfg
+    data = TokenDataModule(train.tokens("train"), {name: s.tokens("val") for name, s in val.items()}, cfg.context,
+                           spec.micro_batch_size, spec.grad_accum, seed, spec.eval_windows)
+    pl.seed_everything(seed, verbose=False)  # the same initial weights (and dropout) on every run
+    module = LanguageModel(cfg.as_dict(), spec.optim.as_dict(), spec.max_steps, spec.compile)
+    if isinstance(init, GPT):
+        module.model.load_state_dict(init.state_dict())
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(tokenizer_json, checkpoint_dir / "tokenizer.json")  # so `make generate` can use a checkpoint
+    outcome = fit(module, data, list(val), {name: s.val_bytes_per_token for name, s in val.items()}, trainer, spec,
+                  checkpoint_dir, log=tracker.log_metrics, write_text=tracker.log_text,
+                  tokenizer=Tokenizer.from_file(str(tokenizer_json)), eos_id=eos_id, evaluate_first=evaluate_first)
+    if evaluate_first and not outcome.before:  # a resumed run measured them in its first execution
+        outcome.before = tracker.logged_metrics("before") or {}
+    return module.model, outcome
+
+
+def adaptation(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Domain gain (loss drop on the domain) and forgetting (loss rise on the original corpus), in bits per byte."""
+    out = {}
+    if "before/bpb" in before and "val/bpb" in after:
+        out["cpt/adaptation_gain_bpb"] = before["before/bpb"] - after["val/bpb"]
+    if "before_original/bpb" in before and "val_original/bpb" in after:
+        out["cpt/forgetting_bpb"] = after["val_original/bpb"] - before["before_original/bpb"]
+    return out

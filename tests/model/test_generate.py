@@ -1,8 +1,6 @@
 """Decoding: the KV cache changes nothing but speed; each strategy does what its name promises."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 

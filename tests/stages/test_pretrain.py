@@ -11,18 +11,20 @@ import time
 import uuid
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import pyarrow.parquet as pq
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
 from pipeline import PROJECT_ROOT
-from pipeline.contract import execute_stage
+from pipeline.config import compose
+from pipeline.contract import StageResult, execute_stage, write_manifest
 from pipeline.errors import PipelineError
 from pipeline.model.gpt import load_model
 from pipeline.stages import load_stage
-from tests.conftest import CONF_DIR, mlflow_runs, tiny_tokenize_overrides
+from tests.conftest import mlflow_runs, tiny_tokenize_overrides
 
 TINY_TRAIN = ["model=tiny", "pretrain.max_steps=30", "pretrain.micro_batch_size=8", "pretrain.eval_every_steps=10",
               "pretrain.eval_windows=20", "pretrain.log_every_steps=5", "pretrain.ckpt_every_steps=10",
@@ -46,8 +48,7 @@ def _overrides(outputs: Path, tracking_uri: str, experiment: str, data_dir: Path
 
 
 def _compose(outputs, tracking_uri, experiment, data_dir, *extra):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("config", overrides=_overrides(outputs, tracking_uri, experiment, data_dir, *extra))
+    return compose(*_overrides(outputs, tracking_uri, experiment, data_dir, *extra))
 
 
 def _history(tracking_uri, run_id, key) -> dict[int, float]:
@@ -114,6 +115,25 @@ def test_cpt_reports_adaptation_and_forgetting(outputs, tracking_uri, experiment
                    f"cpt.init.path={outputs / 'demo' / 'pretrain' / 'hf'}", "cpt.max_steps=1", "cpt.export=false")
     again = execute_stage("cpt", load_stage("cpt"), cfg)
     assert again["metrics"]["before/loss"] == pytest.approx(m["before/loss"], rel=1e-5)
+
+
+def test_cpt_config_hash_covers_the_tokenize_and_tokenizer_keys_it_reads(make_cfg, tmp_path):
+    """cpt encodes its domain with tokenize.* and ends documents with tokenizer.special_tokens.eos: changing
+    either gives another config hash (so Make and the contract rebuild cpt); a key it does not read does not."""
+    for stage in ("tokenize", "pretrain"):  # finished upstream stages, as read_upstream sees them
+        (tmp_path / "outputs" / "demo" / stage).mkdir(parents=True)
+        write_manifest(tmp_path / "outputs" / "demo" / stage, {"stage": stage, "mlflow_run_id": None})
+    cpt = load_stage("cpt")
+    hashed_only = SimpleNamespace(SECTIONS=cpt.SECTIONS, upstream=cpt.upstream, run=lambda cfg, ctx: StageResult())
+
+    def config_hash(*overrides: str) -> str:
+        return execute_stage("cpt", hashed_only, make_cfg(*overrides))["config_hash"]
+
+    base = config_hash()
+    assert config_hash("sft.max_steps=7") == base, "a section cpt does not read leaves its hash alone"
+    for override in ("tokenizer.special_tokens.eos='<eot>'", "tokenize.max_shard_tokens=1000",
+                     "tokenize.batch_size=7", "cpt.max_steps=3", "trainer.precision=bf16-mixed"):
+        assert config_hash(override) != base, override
 
 
 def _transformers_nll(directory: Path, texts: list[str], context: int, stride: int) -> tuple[float, int]:
@@ -292,8 +312,7 @@ def test_merge_refuses_an_adapter_whose_base_stage_was_rebuilt(outputs, tracking
     """sft trains on pretrain's model; pretrain is rebuilt; merging the old adapter onto the new model is refused."""
     (tmp_path / "demo").mkdir()
     os.symlink(outputs / "demo" / "tokenize", tmp_path / "demo" / "tokenize")  # the shared tokenize output
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        sources = [f"~sft.sources.{name}" for name in compose("config").sft.sources]
+    sources = [f"~sft.sources.{name}" for name in compose().sft.sources]
     seed_tasks = data_dir / "instruct" / "self_instruct" / "seed_tasks.jsonl"
     sft = ["sft.init.stage=pretrain", *sources, f"+sft.sources.seed={{format: self_instruct, path: {seed_tasks}}}",
            "sft.val_fraction=0.2", "sft.max_steps=2", "sft.micro_batch_size=4", "sft.eval_every_steps=2",

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.errors import StageKilled
 from pipeline.model.gpt import ModelConfig
-from pipeline.train.callbacks import checkpoints
+from pipeline.model.checkpoints import checkpoints
 from pipeline.train.data import TokenDataModule, ValWindows
 from pipeline.train.module import LanguageModel, OptimSpec
 from pipeline.train.run import TrainerSpec, TrainSpec, fit
