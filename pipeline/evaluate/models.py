@@ -1,4 +1,5 @@
-"""Models to evaluate, behind one interface: a pipeline stage's model.pt or a transformers directory."""
+"""Models to evaluate, behind one interface: ours (through ``pipeline.model.io.load_pretrained``) or any
+transformers causal LM directory."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,6 +11,8 @@ from tokenizers import Tokenizer
 
 from pipeline.errors import BadInput
 from pipeline.evaluate.perplexity import LogitsFn
+from pipeline.model.io import TOKENIZER, load_pretrained, model_kind
+from pipeline.tokenizer.build import token_id
 
 
 @dataclass
@@ -27,28 +30,17 @@ class ScoredModel:
         return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
 
 
-def _token(tokenizer: Tokenizer, token: str, where: Path) -> int:
-    token_id = tokenizer.token_to_id(token)
-    if token_id is None:
-        raise BadInput(f"{where}: the tokenizer has no token {token!r} (evaluate.prefix_token)")
-    return token_id
-
-
-def pipeline_model(name: str, path: Path, prefix_token: str, device: str) -> ScoredModel:
-    """A training stage's output (model.pt + tokenizer.json) or one of its Lightning checkpoints (.ckpt, with
-    tokenizer.json beside it or one folder up); documents follow ``prefix_token`` as in training."""
-    from pipeline.model.gpt import load_model
-
-    path = Path(path)
-    near = [path] if path.is_dir() else [path.parent, path.parent.parent]
-    tokenizer_json = next((d / "tokenizer.json" for d in near if (d / "tokenizer.json").is_file()), None)
-    if tokenizer_json is None:
-        raise BadInput(f"{path}: no tokenizer.json in {' or '.join(str(d) for d in near)}")
-    model = load_model(path).to(device).eval()
-    tokenizer = Tokenizer.from_file(str(tokenizer_json))
+def pipeline_model(name: str, path: Path, prefix_token: str, device: str, key: str = "path") -> ScoredModel:
+    """One of our models as ``load_pretrained`` reads it (a stage directory with model.pt or an sft adapter, a
+    Lightning checkpoint or a .pt file, with its tokenizer.json); documents follow ``prefix_token`` as in training.
+    ``key`` names the setting in error messages."""
+    loaded = load_pretrained(path, key)
+    model = loaded.model.to(device).eval()
+    tokenizer = Tokenizer.from_file(str(loaded.tokenizer_json))
     tokenizer.encode_special_tokens = True  # as in training: "</s>" inside a document is text
-    return ScoredModel(name, lambda ids: model(ids)[0], tokenizer, _token(tokenizer, prefix_token, path),
-                       model.cfg.context, sum(p.numel() for p in model.parameters()))
+    prefix_id = token_id(tokenizer, prefix_token, path, "evaluate.prefix_token")
+    return ScoredModel(name, lambda ids: model(ids)[0], tokenizer, prefix_id, model.cfg.context,
+                       sum(p.numel() for p in model.parameters()))
 
 
 def transformers_model(name: str, directory: Path, prefix_token: Optional[str], device: str,
@@ -62,15 +54,15 @@ def transformers_model(name: str, directory: Path, prefix_token: Optional[str], 
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise BadInput(f"{directory} is not a transformers model directory (no config.json)")
-    if not (directory / "tokenizer.json").is_file():
-        raise BadInput(f"{directory} has no tokenizer.json (a fast tokenizer is needed to score text)")
+    if not (directory / TOKENIZER).is_file():
+        raise BadInput(f"{directory} has no {TOKENIZER} (a fast tokenizer is needed to score text)")
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True).to(device).eval()
     except (OSError, ValueError) as e:
         raise BadInput(f"{directory}: transformers cannot load it as a causal LM: {str(e).splitlines()[0]}") from e
-    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(directory / TOKENIZER))
     if prefix_token is not None:
-        prefix_id = _token(tokenizer, prefix_token, directory)
+        prefix_id = token_id(tokenizer, prefix_token, directory, "evaluate.prefix_token")
     else:
         prefix_id = model.config.eos_token_id
         prefix_id = prefix_id[0] if isinstance(prefix_id, list) else prefix_id
@@ -85,19 +77,16 @@ def transformers_model(name: str, directory: Path, prefix_token: Optional[str], 
 
 
 def load_any(name: str, path: Path, prefix_token: Optional[str], eos_token: str, device: str,
-             context: Optional[int] = None) -> ScoredModel:
-    """A path as the user gives it: a transformers directory (config.json), a stage directory (model.pt)
-    or a Lightning checkpoint (.ckpt)."""
-    path = Path(path)
-    if (path / "config.json").is_file():
+             context: Optional[int] = None, key: Optional[str] = None) -> ScoredModel:
+    """A path as the user gives it: a transformers directory (config.json) of any architecture, scored by
+    transformers itself, or anything ``load_pretrained`` reads (stage directory, .ckpt, .pt), whose documents
+    follow ``prefix_token`` or else ``eos_token``."""
+    if model_kind(path) == "transformers":
         return transformers_model(name, path, prefix_token, device, context)
-    if (path / "model.pt").is_file() or (path.is_file() and path.suffix == ".ckpt"):
-        return pipeline_model(name, path, prefix_token or eos_token, device)
-    raise BadInput(f"evaluate.models.{name}.path={path}: not a transformers directory (config.json), a stage "
-                   f"directory (model.pt) or a checkpoint (.ckpt)")
+    return pipeline_model(name, path, prefix_token or eos_token, device, key or f"evaluate.models.{name}.path")
 
 
 def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    return str(device)

@@ -362,3 +362,34 @@ def read_examples(reader: str, path: Path, labels_path: Optional[Path] = None) -
 
 READERS = {"sst2": read_sst2, "piqa": read_piqa}
 
+
+
+@dataclass
+class PromptSuite:
+    """One configured task: its PromptTask for each number of shots, the examples scored, the demonstrations' pool."""
+
+    tasks: list[PromptTask]
+    examples: list[Example]
+    train_examples: Optional[list[Example]] = None  # None: demonstrations come from the other examples
+    limit: Optional[int] = None
+
+    def evaluate(self, model: ScoredModel, batch_size: int = 16, device: str | torch.device = "cpu") -> list[TaskResult]:
+        return [evaluate_task(model, task, self.examples, self.train_examples, self.limit, batch_size, device)
+                for task in self.tasks]
+
+
+def prompt_suite(name: str, *, reader: str, path: str, template: str, labels: Sequence[str],
+                 labels_path: Optional[str] = None, train_path: Optional[str] = None,
+                 answers: Optional[dict[str, int]] = None, answer_template: str = " {answer}",
+                 shots: Sequence[int] = (0,), separator: str = "\n\n", length_normalize: bool = False,
+                 limit: Optional[int] = None, seed: int = 0) -> PromptSuite:
+    """A task as the evaluate config states it (its keys are these arguments): the files are read and every
+    PromptTask is checked here, so a bad template or answer map fails before any model is scored."""
+    examples = read_examples(reader, Path(path), labels_path and Path(labels_path))
+    train = read_examples(reader, Path(train_path), None) if train_path else None
+    if not shots:
+        raise BadInput(f"prompting task {name!r}: shots is empty; give the numbers of demonstrations, e.g. [0]")
+    tasks = [PromptTask(name=name, template=template, labels=list(labels), answers=dict(answers) if answers else None,
+                        answer_template=answer_template, shots=k, separator=separator,
+                        length_normalize=length_normalize, seed=seed) for k in shots]
+    return PromptSuite(tasks, examples, train, limit)

@@ -1,17 +1,20 @@
-"""Score every model on every held-out set; one row per (model, set, source) for the table and MLflow."""
+"""Score every model on every held-out set and prompting task: one row per (model, set, source), and the
+metrics, tables and Markdown report the evaluate stage publishes."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipeline.data.sources import SourceSpec, load_source
 from pipeline.errors import BadInput
 from pipeline.evaluate.models import ScoredModel
 from pipeline.evaluate.perplexity import Totals, score_documents
+from pipeline.evaluate.prompting import PromptSuite, TaskResult
 
 ALL = "all"  # the source column's value for a set's total
 
@@ -36,6 +39,19 @@ def read_held_out(path: Path, max_documents: Optional[int] = None) -> HeldOut:
     texts = [t or "" for t in table.column("text").to_pylist()]
     keep = [i for i, t in enumerate(texts) if t.strip()]
     return HeldOut([texts[i] for i in keep], [table.column("source")[i].as_py() for i in keep])
+
+
+def held_out_set(name: str, spec: SourceSpec, val_documents: Optional[Path], cache_dir: str) -> HeldOut:
+    """Set ``name``'s documents: a stage's held-out documents (``val_documents``, with their sources), or
+    else the files ``spec`` names, read like tokenize.sources."""
+    if val_documents is not None:
+        held = read_held_out(val_documents, spec.max_documents)
+    else:
+        texts = [t for t in load_source(name, spec, cache_dir=cache_dir)["text"] if t and t.strip()]
+        held = HeldOut(texts, [name] * len(texts))
+    if not held.texts:
+        raise BadInput(f"evaluate.sets.{name} holds no non-empty documents")
+    return held
 
 
 @dataclass
@@ -127,3 +143,54 @@ def prompting_report(results: list) -> tuple[str, str, dict[str, float]]:
         details.append(f"### {m}, {r.name}, {r.shots}-shot: accuracy {r.accuracy:.3f}\n\n{r.confusion_table()}\n")
     return "\n".join(lines), "\n".join(details), metrics
 
+
+
+@dataclass
+class Evaluation:
+    """Everything the models scored, and what the evaluate stage publishes from it."""
+
+    documents: dict[str, int]  # set -> documents scored
+    rows: list[Row] = field(default_factory=list)
+    prompting: list[tuple[str, TaskResult]] = field(default_factory=list)  # (model, result) pairs
+    parameters: dict[str, int] = field(default_factory=dict)  # model -> parameter count
+
+    def metrics(self) -> dict[str, float]:
+        metrics = metrics_of(self.rows)
+        if self.prompting:
+            metrics.update(prompting_report(self.prompting)[2])
+        return metrics
+
+    def counts(self) -> dict:
+        return {"documents": self.documents, "parameters": self.parameters,
+                "prompting": {f"{m}/{r.name}/{r.shots}shot": r.n for m, r in self.prompting}}
+
+    def report(self) -> str:
+        """results.md: the bits-per-byte matrix, every measure, then the prompting accuracies."""
+        report = f"## bits per byte (perplexity)\n\n{matrix(self.rows)}\n\n## all measures\n\n{table(self.rows)}\n"
+        if self.prompting:
+            summary, details, _ = prompting_report(self.prompting)
+            report += f"\n## prompting accuracy\n\n{summary}\n\n{details}"
+        return report
+
+    def summary(self) -> str:
+        """What to print: the prompting accuracies, then the bits-per-byte matrix."""
+        out = ""
+        if self.prompting:
+            out += f"evaluate: prompting accuracy\n\n{prompting_report(self.prompting)[0]}\n\n"
+        return out + (f"\nevaluate: bits per byte (perplexity per token), lower is better; each model reads the text "
+                      f"with its own tokenizer, so compare bits per byte across tokenizers\n\n{matrix(self.rows)}\n")
+
+
+def evaluate_models(models: Mapping[str, Callable[[], ScoredModel]], sets: Mapping[str, HeldOut],
+                    suites: Sequence[PromptSuite] = (), stride: Optional[int] = None, batch_size: int = 16,
+                    device: str = "cpu") -> Evaluation:
+    """Each model, loaded in turn by its function and dropped after, on every set and every prompting task."""
+    out = Evaluation(documents={name: len(held.texts) for name, held in sets.items()})
+    for name, load in models.items():
+        model = load()
+        out.parameters[name] = model.parameters
+        out.rows += evaluate_model(model, sets, stride, batch_size, device)
+        for suite in suites:
+            out.prompting += [(name, result) for result in suite.evaluate(model, batch_size, device)]
+        del model
+    return out

@@ -494,6 +494,15 @@ def read_csv(path: str | Path) -> list[Observation]:
     return [complete(o) for o in out]
 
 
+def write_csv(obs: Sequence[Observation], path: str | Path) -> Path:
+    """The observations as a CSV that ``read_csv`` reads back (to refit, or to fit elsewhere)."""
+    with open(path, "w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["name", "N", "D", "C", "loss"])
+        out.writerows([o.name, o.n, o.d, o.c, o.loss] for o in obs)
+    return Path(path)
+
+
 def _numbered(reader):
     """(line number where the row starts, row) for each row of a csv reader."""
     line = 1

@@ -211,3 +211,29 @@ def test_malformed_files_and_tasks_are_named(tmp_path):
     task = PromptTask(name="t", template="{text}", labels=["a", "b"], answers={"a": 0, "b": 1})
     with pytest.raises(BadInput, match=r"task 't', query: the template needs field 'text'; the example has \['sent"):
         build_prompt(task, reviews([0])[0], [])
+
+
+def test_a_configured_task_becomes_one_prompt_task_per_number_of_shots(tmp_path, tokenizer):
+    from pipeline.evaluate.prompting import prompt_suite
+
+    dev, train = tmp_path / "dev.tsv", tmp_path / "train.tsv"
+    dev.write_text("".join(f"s{i}\t{i % 2}\n" for i in range(6)))
+    train.write_text("t0\t1\nt1\t1\nt2\t0\n")
+    config = dict(reader="sst2", path=str(dev), train_path=str(train), template="{sentence}:",
+                  labels=["negative", "positive"], answers={"negative": 0, "positive": 1}, shots=[0, 2], limit=4)
+    suite = prompt_suite("sst2", seed=3, **config)
+    assert [(t.name, t.shots, t.seed) for t in suite.tasks] == [("sst2", 0, 3), ("sst2", 2, 3)]
+    assert len(suite.examples) == 6 and len(suite.train_examples) == 3 and suite.limit == 4
+    results = suite.evaluate(fond_of(" positive", tokenizer))
+    assert [(r.shots, r.n, r.accuracy, r.majority_baseline) for r in results] == [(0, 4, 0.5, 0.5), (2, 4, 0.5, 0.5)]
+    assert [r.metrics() for r in results] == [evaluate_task(fond_of(" positive", tokenizer), t, suite.examples,
+                                                            suite.train_examples, limit=4).metrics()
+                                              for t in suite.tasks]
+
+    # A bad task fails when it is read, before any model is scored.
+    with pytest.raises(BadInput, match="has no {answer} slot"):
+        prompt_suite("sst2", **{**config, "answer_template": " yes"})
+    with pytest.raises(BadInput, match=r"prompting task 'sst2': shots is empty"):
+        prompt_suite("sst2", **{**config, "shots": []})
+    with pytest.raises(BadInput, match=r"shots=-1 is negative"):
+        prompt_suite("sst2", **{**config, "shots": [0, -1]})

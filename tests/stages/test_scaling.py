@@ -93,7 +93,7 @@ def test_fits_a_sweep_read_from_mlflow_with_intervals_plots_and_a_heldout_check(
 
 def test_an_undetermined_chinchilla_law_is_flagged():
     from pipeline.scaling.laws import BootstrapResult, ChinchillaLaw
-    from pipeline.stages.scaling import doubts
+    from pipeline.scaling.fits import doubts
 
     good = ChinchillaLaw(E=1.8, A=300, B=900, alpha=0.35, beta=0.3)
     tight = BootstrapResult(0.95, 100, {"chinchilla/alpha": (0.33, 0.37), "chinchilla/beta": (0.28, 0.32),
