@@ -1,11 +1,13 @@
 """The stage contract: declared inputs, build aside then rename, manifest last, one tracked run.
 
 A stage module provides
-    SECTIONS  the top-level config sections it reads: they alone define its output (hashed),
+    SECTIONS  the top-level config sections that define its output (hashed, so a change rebuilds it),
+    RUNTIME   optionally, sections it reads that say how it runs, not what it computes (not hashed:
+              trainer, so a run killed on one device count resumes on another),
     upstream(cfg) -> list of upstream stage names it reads,
     run(cfg, ctx) -> StageResult, writing only into ctx.build_dir,
-where ``cfg`` is a ``StageConfig``: the typed sections named in SECTIONS and nothing else, so a stage
-cannot read a key its config hash does not cover.
+where ``cfg`` is a ``StageConfig``: the typed sections named in SECTIONS and RUNTIME and nothing else,
+so a stage cannot read a key its config hash does not account for.
 and optionally RESUMABLE = True: it checkpoints into ctx.checkpoint_dir, which outlives a failed or
 killed execution; the next execution with the same config hash resumes there, in the same MLflow run.
 """
@@ -31,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import PROJECT_ROOT
 from pipeline.config import RootConfig, as_plain, load
 from pipeline.errors import BadInput, MissingUpstream, PipelineError
+from pipeline.model.checkpoints import checkpoint_dir_for
 from pipeline.tracking import StageRun, flatten, stage_run
 
 MANIFEST = "manifest.json"
@@ -79,11 +82,11 @@ class StageConfig:
 
     def __getattr__(self, name: str):
         raise AttributeError(f"the {self._stage} stage reads config section '{name}' but does not list it in its "
-                             f"SECTIONS, so its config hash would not cover it")
+                             f"SECTIONS (or RUNTIME), so its config hash would not account for it")
 
 
 def stage_config(stage: str, module: ModuleType, root: RootConfig) -> StageConfig:
-    return StageConfig(stage, root, tuple(module.SECTIONS))
+    return StageConfig(stage, root, (*module.SECTIONS, *getattr(module, "RUNTIME", ())))
 
 
 def stage_dir(outputs_dir: Path, experiment: str, stage: str) -> Path:
@@ -187,10 +190,6 @@ def write_manifest(directory: Path, manifest: dict) -> Path:
 
 
 RESUME_STATE = "run.json"
-
-
-def checkpoint_dir_for(final_dir: Path) -> Path:
-    return Path(final_dir).with_name(f"{Path(final_dir).name}.ckpt")
 
 
 def resumable_run(ckpt_dir: Path, chash: str) -> Optional[str]:

@@ -19,7 +19,8 @@ from pipeline.tokenizer.build import token_id
 from pipeline.tokenizer.encode import TokenShards, encode_sources
 from pipeline.train.run import adaptation, train_model
 
-SECTIONS = ("seed", "trainer", "tokenize", "tokenizer", "cpt")
+SECTIONS = ("seed", "tokenize", "tokenizer", "cpt")
+RUNTIME = ("trainer",)  # devices, strategy, precision: a killed run may resume on other hardware
 RESUMABLE = True
 
 

@@ -11,7 +11,8 @@ from pipeline.tokenizer.build import vocab_bound
 from pipeline.tokenizer.encode import TokenShards
 from pipeline.train.run import train_model
 
-SECTIONS = ("seed", "model", "trainer", "pretrain")
+SECTIONS = ("seed", "model", "pretrain")
+RUNTIME = ("trainer",)  # devices, strategy, precision: a killed run may resume on other hardware
 RESUMABLE = True
 
 

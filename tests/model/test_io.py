@@ -8,7 +8,6 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from pipeline.contract import checkpoint_dir_for as contract_checkpoint_dir_for
 from pipeline.errors import BadInput
 from pipeline.model.checkpoints import checkpoint_dir_for, checkpoint_path, checkpoints, latest_checkpoint
 from pipeline.model.equivalence import check_export, fold_adapter, probe_ids, probe_logits
@@ -128,5 +127,5 @@ def test_checkpoints_sort_by_step_and_sit_beside_the_stage_as_the_contract_names
     assert [p.name for p in checkpoints(tmp_path)] == ["step-000009.ckpt", "step-000010.ckpt", "step-1000000.ckpt"]
     assert latest_checkpoint(tmp_path).name == "step-1000000.ckpt"
     stage = tmp_path / "outputs" / "demo" / "pretrain"
-    assert checkpoint_dir_for(stage) == stage.with_name("pretrain.ckpt") == contract_checkpoint_dir_for(stage)
+    assert checkpoint_dir_for(stage) == stage.with_name("pretrain.ckpt")
 

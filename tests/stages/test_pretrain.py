@@ -124,15 +124,16 @@ def test_cpt_config_hash_covers_the_tokenize_and_tokenizer_keys_it_reads(make_cf
         (tmp_path / "outputs" / "demo" / stage).mkdir(parents=True)
         write_manifest(tmp_path / "outputs" / "demo" / stage, {"stage": stage, "mlflow_run_id": None})
     cpt = load_stage("cpt")
-    hashed_only = SimpleNamespace(SECTIONS=cpt.SECTIONS, upstream=cpt.upstream, run=lambda cfg, ctx: StageResult())
+    hashed_only = SimpleNamespace(SECTIONS=cpt.SECTIONS, RUNTIME=cpt.RUNTIME, upstream=cpt.upstream, run=lambda cfg, ctx: StageResult())
 
     def config_hash(*overrides: str) -> str:
         return execute_stage("cpt", hashed_only, make_cfg(*overrides))["config_hash"]
 
     base = config_hash()
     assert config_hash("sft.max_steps=7") == base, "a section cpt does not read leaves its hash alone"
+    assert config_hash("trainer.devices=2") == base, "how it runs (RUNTIME) is not what it computes"
     for override in ("tokenizer.special_tokens.eos='<eot>'", "tokenize.max_shard_tokens=1000",
-                     "tokenize.batch_size=7", "cpt.max_steps=3", "trainer.precision=bf16-mixed"):
+                     "tokenize.batch_size=7", "cpt.max_steps=3"):
         assert config_hash(override) != base, override
 
 
