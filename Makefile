@@ -93,8 +93,9 @@ $(OUT)/tokenize/manifest.json: $(OUT)/dedup/manifest.json $(OUT)/.args/tokenize 
 		$(wildcard pipeline/data/*.py)
 	$(STAGE) tokenize $(STAGE_ARGS)
 
-TRAIN_DEPS := $(COMMON) $(wildcard conf/model/*.yaml) $(wildcard conf/trainer/*.yaml) $(wildcard pipeline/model/*.py) \
-	$(wildcard pipeline/train/*.py)
+MODEL_DEPS := $(COMMON) $(wildcard conf/tokenizer/*.yaml) $(wildcard pipeline/model/*.py) $(wildcard pipeline/tokenizer/*.py) \
+	$(wildcard pipeline/data/*.py)
+TRAIN_DEPS := $(MODEL_DEPS) $(wildcard conf/model/*.yaml) $(wildcard conf/trainer/*.yaml) $(wildcard pipeline/train/*.py)
 
 pretrain: $(OUT)/pretrain/manifest.json ## Train the model (conf/model/) on the token shards; after a kill it resumes
 
@@ -106,15 +107,15 @@ $(OUT)/pretrain/manifest.json: $(OUT)/tokenize/manifest.json $(OUT)/.args/pretra
 cpt: $(OUT)/cpt/manifest.json ## Continue pretraining on the domain corpus; adaptation and forgetting in MLflow
 
 $(eval $(call args_stamp,cpt))
-$(OUT)/cpt/manifest.json: $(OUT)/pretrain/manifest.json $(OUT)/.args/cpt $(TRAIN_DEPS) conf/cpt.yaml \
-		pipeline/stages/cpt.py pipeline/stages/pretrain.py
+$(OUT)/cpt/manifest.json: $(OUT)/pretrain/manifest.json $(OUT)/.args/cpt $(TRAIN_DEPS) conf/cpt.yaml conf/tokenize.yaml \
+		pipeline/stages/cpt.py
 	$(STAGE) cpt $(STAGE_ARGS)
 
 sft: $(OUT)/sft/manifest.json ## Fine-tune the cpt model on instruction data with LoRA; base vs tuned in MLflow
 
 $(eval $(call args_stamp,sft))
 $(OUT)/sft/manifest.json: $(OUT)/cpt/manifest.json $(OUT)/.args/sft $(TRAIN_DEPS) conf/sft.yaml pipeline/stages/sft.py \
-		$(wildcard pipeline/sft/*.py) pipeline/stages/cpt.py
+		$(wildcard pipeline/sft/*.py)
 	$(STAGE) sft $(STAGE_ARGS)
 
 inspect-sft: $(INSTALLED) ## Print N=2 rendered conversations per source (SOURCE=name), trained tokens marked (after make cpt)
@@ -123,15 +124,15 @@ inspect-sft: $(INSTALLED) ## Print N=2 rendered conversations per source (SOURCE
 merge: $(OUT)/merge/manifest.json ## Fold the LoRA adapter into the model: model.pt and a transformers directory (hf/)
 
 $(eval $(call args_stamp,merge))
-$(OUT)/merge/manifest.json: $(OUT)/sft/manifest.json $(OUT)/.args/merge $(COMMON) pipeline/stages/merge.py \
-		pipeline/stages/sft.py $(wildcard pipeline/sft/*.py) $(wildcard pipeline/model/*.py)
+$(OUT)/merge/manifest.json: $(OUT)/sft/manifest.json $(OUT)/.args/merge $(MODEL_DEPS) conf/sft.yaml pipeline/stages/merge.py \
+		$(wildcard pipeline/sft/*.py)
 	$(STAGE) merge $(STAGE_ARGS)
 
 evaluate: $(OUT)/evaluate/manifest.json ## Perplexity, bits per byte and prompting accuracy of pretrain, cpt and sft
 
 $(eval $(call args_stamp,evaluate))
 $(OUT)/evaluate/manifest.json: $(OUT)/merge/manifest.json $(OUT)/cpt/manifest.json $(OUT)/pretrain/manifest.json \
-		$(OUT)/.args/evaluate $(COMMON) \
+		$(OUT)/.args/evaluate $(MODEL_DEPS) \
 		conf/evaluate.yaml pipeline/stages/evaluate.py $(wildcard pipeline/evaluate/*.py)
 	$(STAGE) evaluate $(STAGE_ARGS)
 

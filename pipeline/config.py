@@ -26,6 +26,7 @@ from pipeline.model.gpt import ModelConfig
 from pipeline.sft.chat import Template
 from pipeline.sft.lora import LoraSpec
 from pipeline.tokenizer.build import TokenizerSpec
+from pipeline.tokenizer.encode import EncodeSpec
 from pipeline.tracking import TrackingSettings
 from pipeline.train.run import TrainerSpec, TrainSpec
 
@@ -92,18 +93,16 @@ class DedupConfig(DedupSpec):
 
 
 @dataclass
-class TokenizeConfig:
+class TokenizeConfig(EncodeSpec):
+    """The tokenize stage: its sources and held-out share, plus how documents become shards (EncodeSpec)."""
+
     sources: Dict[str, Any] = field(default_factory=dict)  # name -> SourceSpec
     val_fraction: float = 0.01  # share of documents (by hash of their text) held out for validation
-    num_proc: int = 2  # processes for encoding
-    batch_size: int = 5000  # documents per encode batch
-    max_shard_tokens: int = 2**27  # a new shard file starts past this many tokens
 
     def __post_init__(self):
+        super().__post_init__()
         self.sources = entries(self.sources, SourceSpec, "sources")
         check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "in [0, 1)")
-        for key in ("num_proc", "batch_size", "max_shard_tokens"):
-            check(getattr(self, key) >= 1, key, getattr(self, key), "at least 1")
 
 
 @dataclass

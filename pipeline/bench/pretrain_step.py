@@ -120,7 +120,7 @@ def demo_shards(cfg) -> Optional[tuple[Path, dict]]:
 def tokenizer_vocab(stage_dir: Path, manifest: dict) -> int:
     from tokenizers import Tokenizer
 
-    from pipeline.stages.pretrain import vocab_bound  # the pretrain stage sizes the model this way
+    from pipeline.tokenizer.build import vocab_bound  # the pretrain stage sizes the model this way
 
     return vocab_bound(Tokenizer.from_file(str(stage_dir / manifest["outputs"]["tokenizer"])))
 

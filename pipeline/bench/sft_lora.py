@@ -56,7 +56,7 @@ from pipeline.sft.chat import Encoded, add_chat_tokens, encode_all
 from pipeline.sft.data import read_source
 from pipeline.sft.lora import LoraSpec, add_lora, trainable_fraction
 from pipeline.sft.train import SFTData, SFTModule
-from pipeline.stages.pretrain import vocab_bound
+from pipeline.tokenizer.build import vocab_bound
 from pipeline.stages.sft import lora_spec
 from pipeline.tokenizer.build import byte_tokenizer
 from pipeline.train.run import TrainerSpec, precision_for

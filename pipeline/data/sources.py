@@ -4,7 +4,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Callable, Mapping, Optional
@@ -177,6 +177,12 @@ def load_source(name: str, spec: SourceSpec, cache_dir: str) -> datasets.Dataset
         ds = ds.map(lambda b: {"text": [p for t in b["text"] for p in split_long(t or "", limit)]}, batched=True,
                     desc=f"Splitting {name} documents over {limit} characters")
     return ds
+
+
+def with_stage_paths(sources: Mapping[str, SourceSpec], stage_dirs: Mapping[str, Path]) -> dict[str, SourceSpec]:
+    """``sources`` with each ``stage`` replaced by the path of that stage's kept documents (kept/*.parquet)."""
+    return {name: replace(spec, path=str(Path(stage_dirs[spec.stage]) / "kept"), stage=None, format="parquet")
+            if spec.stage is not None else spec for name, spec in sources.items()}
 
 
 def load_documents(sources: Mapping[str, SourceSpec], cache_dir: str) -> datasets.Dataset:

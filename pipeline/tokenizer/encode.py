@@ -64,6 +64,23 @@ def interleave(docs: datasets.Dataset, seed: int) -> datasets.Dataset:
     return docs.shuffle(seed=seed).flatten_indices()
 
 
+def split_documents(sources: Mapping[str, SourceSpec], val_fraction: float, seed: int, num_proc: int,
+                    cache_dir: Path) -> tuple[datasets.Dataset, int]:
+    """The sources' documents with their split, interleaved in a seeded order, and the number of training ones;
+    a corpus with no training document, or an empty validation split where one is asked for, is refused."""
+    docs = assign_splits(load_documents(sources, cache_dir=str(cache_dir)), val_fraction=val_fraction, seed=seed,
+                         num_proc=num_proc)
+    docs = interleave(docs, seed=seed)
+    codes = docs.data.column("split").to_numpy()
+    n_train, n_val = int(np.count_nonzero(codes == TRAIN)), int(np.count_nonzero(codes == VAL))
+    if n_train == 0:
+        raise BadInput(f"no non-empty training documents in {len(docs)} documents from {', '.join(sources)}")
+    if n_val == 0 and val_fraction > 0:
+        raise BadInput(f"the validation split is empty ({n_train} training documents, "
+                       f"tokenize.val_fraction={val_fraction}); raise val_fraction or add documents")
+    return docs, n_train
+
+
 def write_val_documents(docs: datasets.Dataset, source_names: list[str], path: Path) -> int:
     """Write the held-out documents' text and source name to Parquet (the evaluate stage scores them); return their count.
 
