@@ -119,7 +119,7 @@ $(OUT)/sft/manifest.json: $(OUT)/cpt/manifest.json $(OUT)/.args/sft $(TRAIN_DEPS
 	$(STAGE) sft $(STAGE_ARGS)
 
 inspect-sft: $(INSTALLED) ## Print N=2 rendered conversations per source (SOURCE=name), trained tokens marked (after make cpt)
-	$(PY) -m pipeline.sft.inspect -n $(or $(N),2) $(if $(SOURCE),--source $(SOURCE)) $(STAGE_ARGS)
+	$(PY) -m pipeline.tools.inspect_sft -n $(or $(N),2) $(if $(SOURCE),--source $(SOURCE)) $(STAGE_ARGS)
 
 merge: $(OUT)/merge/manifest.json ## Fold the LoRA adapter into the model: model.pt and a transformers directory (hf/)
 

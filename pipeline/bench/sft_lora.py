@@ -57,7 +57,7 @@ from pipeline.sft.data import read_source
 from pipeline.sft.lora import LoraSpec, add_lora, trainable_fraction
 from pipeline.sft.train import SFTData, SFTModule
 from pipeline.tokenizer.build import vocab_bound
-from pipeline.stages.sft import lora_spec
+from pipeline.sft.lora import chat_lora
 from pipeline.tokenizer.build import byte_tokenizer
 from pipeline.train.run import TrainerSpec, precision_for
 
@@ -127,7 +127,8 @@ def setup(quick: bool, overrides: list[str]) -> Setup:
                                   sft.drop_truncated)
     untimed, steps, rounds = (1, 4, 2) if quick else (1, 4, 3)
     return Setup(cfg, sft, cfg.trainer, model_cfg, examples, pad_id,
-                 tokenizer_name, lora_spec(sft, tokenizer), counts, untimed, steps, rounds)
+                 tokenizer_name, chat_lora(sft.lora, sft.template, tokenizer, sft.lora.chat_tokens), counts, untimed,
+                 steps, rounds)
 
 
 def trainable_by_size(s: Setup) -> dict[str, dict]:

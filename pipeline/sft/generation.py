@@ -152,6 +152,24 @@ def generate_replies(model, tokenizer: Tokenizer, conversations: Sequence[Conver
     return Generations(replies, truncated, unfinished)
 
 
+def side_by_side(tuned, base, conversations: Sequence[Conversation], tokenizer: Tokenizer,
+                 template: Union[str, ChatTemplate], bos: str, eos: str,
+                 max_new_tokens: int) -> tuple[list[dict], dict[str, float]]:
+    """The replies of the base model and of the fine-tuned one, as ``compare``'s rows, and their metrics
+    (``summary``'s, and how many replies were unfinished or prompts cut). ``base`` None: ``tuned`` is a
+    peft model, and the base is the same weights with the adapter switched off."""
+    args = (tokenizer, conversations, template, bos, eos, max_new_tokens)
+    sft = generate_replies(tuned, *args)
+    if base is None:
+        with tuned.disable_adapter():
+            original = generate_replies(tuned, *args)
+    else:
+        original = generate_replies(base, *args)
+    rows = compare(conversations, original.replies, sft.replies)
+    return rows, {**summary(rows), "gen/sft/unfinished": sft.unfinished, "gen/base/unfinished": original.unfinished,
+                  "gen/truncated_prompts": sft.truncated_prompts}
+
+
 # ---------------------------------------------------------------------------------------------
 # Side by side
 

@@ -21,17 +21,21 @@ models only, since its PeftModel subclass expects their ``input_ids``/``generate
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
+from typing import Union
 
-import torch
+from tokenizers import Tokenizer
 from torch import nn
 
 from pipeline.errors import BadInput, check, choice
+from pipeline.sft.chat import ChatTemplate, get_template
 
 ATTENTION = ["attn.qkv", "attn.proj"]
 MLP = ["mlp.up", "mlp.down", "mlp.gate"]  # mlp.gate: llama blocks only
+
+
 class Bias(StrEnum):
     """Which biases train beside the adapters."""
 
@@ -65,6 +69,20 @@ class LoraSpec:
         self.bias = choice(Bias, self.bias, "bias")
         check(self.rank >= 1, "rank", self.rank, "at least 1")
         check(0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
+
+
+def chat_lora(spec: LoraSpec, template: Union[str, ChatTemplate], tokenizer: Tokenizer,
+              chat_tokens: bool = True) -> LoraSpec:
+    """``spec`` as a plain LoraSpec (a subclass's own switches left out); with ``chat_tokens`` the embedding
+    rows of the template's markers train too (beside any ``spec.tokens``): pretraining never saw them as input."""
+    markers = get_template(template).special_tokens if chat_tokens else ()
+    tokens = [tokenizer.token_to_id(t) for t in markers]
+    missing = [t for t, i in zip(markers, tokens) if i is None]
+    if missing:
+        raise BadInput(f"the tokenizer lacks the chat markers {missing} (sft.lora.chat_tokens)")
+    values = {f.name: getattr(spec, f.name) for f in fields(LoraSpec)}
+    tokens = list(dict.fromkeys([*spec.tokens, *tokens]))
+    return LoraSpec(**{**values, "targets": list(spec.targets), "tokens": tokens})
 
 
 def _family(model: nn.Module) -> str | None:

@@ -8,10 +8,16 @@ weights and the optimizer state: the frozen base comes from the upstream model o
 ``SFTBatches`` makes micro-batch k a pure function of (seed, k), as the pretraining windows are, so a
 run resumed at step s sees the batches an uninterrupted run would: each pass over the data is its own
 seeded permutation, of examples (padded to the longest of the micro-batch) or of packed rows.
+
+``fine_tune`` is one run: the adapters added, the module and batches built, ``pipeline.train.run.fit``
+(which resumes from the newest checkpoint); ``publish_tuned`` writes what it leaves behind.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import pytorch_lightning as pl
@@ -20,10 +26,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.errors import BadInput
-from pipeline.sft.batching import collate_packed, masked_loss, pack, pad_batch
-from pipeline.sft.chat import IGNORE, Encoded
+from pipeline.model.io import ADAPTER, CHAT_TEMPLATE, TOKENIZER, keep_checkpoints, publish_model
+from pipeline.sft.batching import collate_packed, masked_loss, pack, packing_stats, pad_batch
+from pipeline.sft.chat import IGNORE, ChatTemplate, Encoded, get_template
+from pipeline.sft.examples import Examples
+from pipeline.sft.lora import LoraSpec, add_lora, save_adapter, trainable_fraction
 from pipeline.train.data import FromStep
 from pipeline.train.module import LRSchedule, OptimSpec
+from pipeline.train.run import TrainerSpec, TrainOutcome, TrainSpec, fit
 
 
 def trainable_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -135,3 +145,67 @@ class SFTData(pl.LightningDataModule):
     def val_dataloader(self) -> list[DataLoader]:
         return [DataLoader(examples, batch_size=self.micro_batch, collate_fn=lambda b: pad_batch(b, self.pad_id))
                 for examples in self.val_sets.values()]
+
+
+@dataclass
+class FineTuned:
+    model: nn.Module  # peft's model around the base (LoRA), or the base itself, trained in place
+    outcome: TrainOutcome
+    metrics: dict[str, float]  # sft/ trainable parameters, and data/ packing fill when packing
+
+
+def fine_tune(model: nn.Module, examples: Examples, spec: TrainSpec, lora: Optional[LoraSpec], trainer: TrainerSpec,
+              seed: int, checkpoint_dir: Path, log: Callable[[dict, int], None],
+              write_text: Callable[[str, str], None], packing: bool = False) -> FineTuned:
+    """Train ``model`` (with the adapters of ``lora``; None: every weight) on ``examples`` to ``spec.max_steps``,
+    with ``packing`` several conversations per row.
+
+    The held-out sets are scored before training (``before_<source>/loss``) and after (``val_<source>/loss``);
+    ``val/loss`` and ``before/loss`` are every source together.
+    """
+    pl.seed_everything(seed, verbose=False)  # the same adapter initialisation on every run
+    trained = add_lora(model, lora) if lora else model
+    n_trainable, n_total, fraction = trainable_fraction(trained)
+    train = examples.train_examples
+    print(f"sft: {'LoRA' if lora else 'full fine-tuning'}: {n_trainable:,} of {n_total:,} parameters train "
+          f"({fraction:.2%}); {len(train):,} training conversations, "
+          f"{sum(len(v) for v in examples.val.values())} held out")
+    module = SFTModule(trained, spec.optim, spec.max_steps, adapters_only=lora is not None)
+    data = SFTData(train, examples.val, spec.micro_batch_size, spec.grad_accum, seed, examples.pad_id,
+                   pack_context=examples.max_tokens if packing else None)
+    metrics = {"sft/trainable_params": n_trainable, "sft/total_params": n_total, "sft/trainable_fraction": fraction}
+    if packing:
+        metrics.update(packing_metrics(train, data.batches, examples.max_tokens))
+    # "all" first: val/loss is every source together (SFTModule.val_losses), then val_<source>/loss
+    outcome = fit(module, data, ["all", *examples.val], {}, trainer, spec, checkpoint_dir, log=log,
+                  write_text=write_text, evaluate_first=True,
+                  tokens_per_step=data.batches.tokens_per_micro_batch * spec.grad_accum)
+    return FineTuned(trained, outcome, metrics)
+
+
+def packing_metrics(examples: Sequence[Encoded], batches: SFTBatches, context: int) -> dict[str, float]:
+    """How full the packed rows are, against padding each micro-batch to its longest example."""
+    stats = packing_stats(examples, batches.items, context, batch_size=batches.micro_batch)
+    print(f"sft: packing {len(examples):,} conversations into {stats['rows']:,} rows of {context} tokens: "
+          f"{stats['fill']:.0%} of each row is real tokens, against {stats['padded_fill']:.0%} when padded")
+    return {"data/packed_rows": stats["rows"], "data/packing_fill": stats["fill"],
+            "data/padded_fill": stats["padded_fill"]}
+
+
+def publish_tuned(model: nn.Module, lora: Optional[LoraSpec], template: Union[str, ChatTemplate],
+                  tokenizer_json: Path, checkpoint_dir: Path, out_dir: Path) -> dict:
+    """The adapter (fully fine-tuned: the whole model), tokenizer.json, the chat template, the kept checkpoints.
+
+    Returns the manifest's ``outputs`` entries; ``lora`` records the adapter's settings (None: full fine-tuning).
+    """
+    template = get_template(template)
+    if lora is None:
+        outputs = publish_model(model, tokenizer_json, out_dir, checkpoint_dir=checkpoint_dir,
+                                chat_template=template.source)
+    else:
+        save_adapter(model, out_dir / ADAPTER)  # megabytes: the base stays where outputs.base says
+        shutil.copy2(tokenizer_json, out_dir / TOKENIZER)
+        (out_dir / CHAT_TEMPLATE).write_text(template.source)
+        outputs = {"adapter": ADAPTER, "tokenizer": TOKENIZER, "chat_template": CHAT_TEMPLATE,
+                   "checkpoints": keep_checkpoints(checkpoint_dir, out_dir / "checkpoints")}
+    return {**outputs, "template": template.name, "lora": asdict(lora) if lora else None}

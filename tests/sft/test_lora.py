@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from pipeline.errors import BadInput
+from pipeline.errors import BadInput, ConfigError
 from pipeline.model.gpt import GPT, ModelConfig
 from pipeline.sft.lora import (ATTENTION, MLP, LoraSpec, add_lora, default_targets, load_adapter, merge,
                                save_adapter, target_modules, trainable_fraction)
@@ -205,10 +205,15 @@ def test_an_output_layer_tied_to_the_embedding_is_refused():
         target_modules(build("gpt"), LoraSpec(targets=["lm_head"]))
 
 
-@pytest.mark.parametrize("field, value", [("rank", 0), ("dropout", 1.0), ("bias", "some"), ("targets", [])])
-def test_bad_specs_are_refused(field, value):
-    with pytest.raises(BadInput, match=f"lora {field}"):
-        add_lora(build("gpt"), LoraSpec(**{field: value}))
+@pytest.mark.parametrize("field, value", [("rank", 0), ("dropout", 1.0), ("bias", "some")])
+def test_bad_specs_are_refused_naming_the_key(field, value):
+    with pytest.raises(ConfigError, match=f"config key '{field}' is {value!r}; it must be"):
+        LoraSpec(**{field: value})  # refused when built (and so when the config is loaded), before any model
+
+
+def test_empty_targets_are_refused():
+    with pytest.raises(BadInput, match="lora targets is empty"):
+        add_lora(build("gpt"), LoraSpec(targets=[]))
 
 
 def test_an_adapter_for_another_model_is_refused(tmp_path):
@@ -228,3 +233,20 @@ def test_a_merged_transformers_model_saves_and_loads_with_auto_class(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", local_files_only=True)
     assert type(reloaded) is GPT2LMHeadModel
     torch.testing.assert_close(logits(reloaded, ids()), adapted, atol=1e-5, rtol=0)
+
+
+def test_chat_lora_is_a_plain_spec_with_the_markers_rows():
+    from pipeline.config import SftLora
+    from pipeline.sft.lora import chat_lora
+    from pipeline.tokenizer.build import SpecialTokens, byte_tokenizer
+
+    tokenizer = byte_tokenizer(SpecialTokens().all())
+    settings = SftLora(rank=4, alpha=8, targets=["attn.qkv"], enabled=True, chat_tokens=True)
+    spec = chat_lora(settings, "chatml", tokenizer, settings.chat_tokens)
+    assert type(spec) is LoraSpec and (spec.rank, spec.alpha, spec.targets) == (4, 8, ["attn.qkv"])
+    assert spec.tokens == [tokenizer.token_to_id("<|im_start|>"), tokenizer.token_to_id("<|im_end|>")]
+    assert spec.targets is not settings.targets  # the run's spec does not alias the config's list
+    assert chat_lora(settings, "llama2", tokenizer, chat_tokens=False).tokens == []
+    bare = byte_tokenizer(["<s>", "</s>", "<pad>"])
+    with pytest.raises(BadInput, match=r"lacks the chat markers \['<\|im_start\|>', '<\|im_end\|>'\]"):
+        chat_lora(settings, "chatml", bare)

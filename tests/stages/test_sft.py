@@ -6,7 +6,6 @@ tokenizer with the chat markers, given as sft.init.path, so no earlier stage has
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,11 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from mlflow.tracking import MlflowClient
 from tokenizers import Tokenizer
 
 from pipeline import PROJECT_ROOT
+from pipeline.config import compose
 from pipeline.contract import execute_stage
 from pipeline.errors import PipelineError
 from pipeline.model.gpt import GPT, ModelConfig, load_model, save_model
@@ -28,7 +28,7 @@ from pipeline.sft.chat import get_template, render
 from pipeline.sft.lora import load_adapter
 from pipeline.stages import load_stage
 from pipeline.tokenizer.build import SpecialTokens, byte_tokenizer
-from tests.conftest import CONF_DIR, mlflow_runs
+from tests.conftest import mlflow_runs
 
 BAD_RECORDS = [
     {"instruction": "Say hi", "input": "", "output": "hi"},
@@ -61,8 +61,7 @@ def bad_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def demo_sources() -> list[str]:
     """Overrides that remove the demo preset's sources (a structured map cannot be deleted whole)."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return [f"~sft.sources.{name}" for name in compose("config").sft.sources]
+    return [f"~sft.sources.{name}" for name in compose().sft.sources]
 
 
 def overrides(demo_sources: list[str], base_dir: Path, bad_file: Path, outputs: Path, tracking_uri: str, experiment: str, data_dir: Path,
@@ -81,9 +80,8 @@ def overrides(demo_sources: list[str], base_dir: Path, bad_file: Path, outputs: 
 @pytest.fixture
 def sft_cfg(demo_sources, base_dir, bad_file, tmp_path, tracking_uri, experiment, data_dir):
     def _compose(*extra: str):
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return compose("config", overrides=overrides(demo_sources, base_dir, bad_file, tmp_path / "outputs", tracking_uri,
-                                                         experiment, data_dir, *extra))
+        return compose(*overrides(demo_sources, base_dir, bad_file, tmp_path / "outputs", tracking_uri, experiment,
+                                  data_dir, *extra))
     return _compose
 
 
@@ -184,10 +182,29 @@ def test_bad_configs_are_named(sft_cfg):
         execute_stage("sft", load_stage("sft"), sft_cfg("~sft.sources.seed", "~sft.sources.oasst", "~sft.sources.mine"))
     with pytest.raises(PipelineError, match="format 'alpacca' is unknown"):
         execute_stage("sft", load_stage("sft"), sft_cfg("sft.sources.seed.format=alpacca"))
-    from pipeline.config import validate
+    # a bad choice or value is refused when the config is composed, naming its key
+    with pytest.raises((ConfigCompositionException, PipelineError), match="sft.template"):
+        sft_cfg("sft.template=vicuna")
+    with pytest.raises(PipelineError, match="sft.init"):
+        sft_cfg("sft.init.stage=cpt")  # and sft.init.path: both set
 
-    with pytest.raises(PipelineError, match="sft.template"):
-        validate(sft_cfg("sft.template=vicuna"))
+
+def test_inspect_prints_the_conversations_as_sft_trains_on_them(demo_sources, base_dir, bad_file, tmp_path,
+                                                               tracking_uri, experiment, data_dir, capsys):
+    from pipeline.tools.inspect_sft import main
+
+    args = overrides(demo_sources, base_dir, bad_file, tmp_path, tracking_uri, experiment, data_dir)
+    assert main(["-n", "1", "--source", "mine", *args]) == 0
+    out = capsys.readouterr().out
+    tokenizer_json = base_dir / "tokenizer.json"
+    assert out.startswith(f"template chatml, window 256 tokens, {tokenizer_json}; trained tokens: [[like this]]")
+    assert "=== mine: 1 conversations read, bad records: empty_output 1, invalid_json 1, missing_output 1" in out
+    assert "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n[[hi<|im_end|>]]" in out
+    assert "=== seed" not in out
+    assert main(["--source", "nope", *args]) == 2
+    assert "error: --source nope: not in sft.sources (seed, oasst, mine)" in capsys.readouterr().err
+    assert main([*args, "sft.template=vicuna"]) == 2
+    assert "sft.template=vicuna: Invalid value 'vicuna'" in capsys.readouterr().err
 
 
 def _cli(*args: str) -> subprocess.Popen:
