@@ -27,6 +27,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def nothing_written_outside_tmp_path():
+    """No test leaves litter in the project root (an MLflow ./mlruns, Lightning's lightning_logs/)."""
+    def entries() -> set[str]:
+        return {p.name for p in PROJECT_ROOT.iterdir()} - {".pytest_cache", "__pycache__"}
+
+    before = entries()
+    yield
+    assert not entries() - before, f"the tests wrote {sorted(entries() - before)} into {PROJECT_ROOT}"
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """../shared/data (or PIPELINE_DATA_DIR): the one way tests reach real data."""
