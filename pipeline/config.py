@@ -120,6 +120,9 @@ class CptConfig(PretrainConfig):
     def __post_init__(self):
         super().__post_init__()
         self.sources = entries(self.sources, SourceSpec, "sources")
+        for name, source in self.sources.items():
+            check(source.stage is None, f"sources.{name}.stage", source.stage,
+                  "null: the domain corpus is read from files (path), not from a stage's output")
         check(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "in (0, 1)")
 
 

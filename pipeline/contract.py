@@ -6,10 +6,10 @@ A stage module provides
               trainer, so a run killed on one device count resumes on another),
     upstream(cfg) -> list of upstream stage names it reads,
     run(cfg, ctx) -> StageResult, writing only into ctx.build_dir,
-where ``cfg`` is a ``StageConfig``: the typed sections named in SECTIONS and RUNTIME and nothing else,
-so a stage cannot read a key its config hash does not account for.
-and optionally RESUMABLE = True: it checkpoints into ctx.checkpoint_dir, which outlives a failed or
-killed execution; the next execution with the same config hash resumes there, in the same MLflow run.
+    RESUMABLE = True, optionally: it checkpoints into ctx.checkpoint_dir, which outlives a failed or killed
+              execution; the next execution with the same config hash resumes there, in the same MLflow run.
+``cfg`` is a ``StageConfig``: the typed sections named in SECTIONS and RUNTIME and nothing else, so a
+stage cannot read a key its config hash does not account for.
 """
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterator, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from pipeline import PROJECT_ROOT
-from pipeline.config import RootConfig, as_plain, load
+from pipeline.config import RootConfig, as_plain
 from pipeline.errors import BadInput, MissingUpstream, PipelineError
 from pipeline.model.checkpoints import checkpoint_dir_for
 from pipeline.tracking import StageRun, flatten, stage_run
@@ -62,6 +62,11 @@ class StageContext:
     checkpoint_dir: Optional[Path] = None  # resumable stages: survives a kill, removed after success
     resumed: bool = False  # the MLflow run and checkpoints come from an earlier, interrupted execution
     rank: int = 0  # a distributed job's other ranks run the stage with a scratch build_dir and no tracking
+
+    @property
+    def input_dirs(self) -> dict[str, Path]:
+        """Each upstream stage's output directory, by stage name."""
+        return {name: upstream.dir for name, upstream in self.inputs.items()}
 
 
 @dataclass
@@ -236,13 +241,11 @@ def execute_worker_rank(module: ModuleType, cfg: RootConfig, section: StageConfi
         module.run(section, ctx)
 
 
-def execute_stage(stage: str, module: ModuleType, cfg: RootConfig | DictConfig, out_dir: Optional[Path] = None,
+def execute_stage(stage: str, module: ModuleType, cfg: RootConfig, out_dir: Optional[Path] = None,
                   parent_run_id: Optional[str] = None, run_name: Optional[str] = None,
                   extra_tags: Optional[dict[str, str]] = None) -> dict:
-    """Run one stage under the contract and return its manifest (``cfg`` composed, or already loaded)."""
+    """Run one stage under the contract and return its manifest."""
     started = time.time()
-    if isinstance(cfg, DictConfig):
-        cfg = load(cfg)
     section = stage_config(stage, module, cfg)
     outputs_dir = Path(cfg.paths.outputs_dir)
     final_dir = Path(out_dir) if out_dir else stage_dir(outputs_dir, cfg.name, stage)

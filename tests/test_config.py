@@ -15,9 +15,11 @@ from pipeline import PROJECT_ROOT
 from pipeline.config import RootConfig, load
 from pipeline.config import compose as compose_typed
 from pipeline.contract import stage_config
-from pipeline.data.sources import SourceSpec, resolve_files
+from pipeline.data.sources import SourceSpec, StageOrPath, resolve_files
 from pipeline.errors import PipelineError
+from pipeline.model.gpt import BlockKind
 from pipeline.sft.lora import LoraSpec
+from pipeline.tokenizer.build import TokenizerKind
 from pipeline.stages import STAGES, TOOLS, load_stage
 from tests.conftest import CONF_DIR, run_cli
 
@@ -49,15 +51,19 @@ def test_every_experiment_preset_composes_and_its_sources_exist(preset, data_dir
     ("tokenize.val_fraction=1", "tokenize.val_fraction", "in [0, 1)"),
     ("cpt.init.path=/somewhere", "cpt.init", "sets both of 'stage' and 'path'"),
     ("+tokenize.sources.extra.format=json", "tokenize.sources.extra", "sets neither of 'stage' and 'path'"),
-    ("+evaluate.models.mine.stage=pretrain", None, None),
+    ("+cpt.sources.web.stage=dedup", "cpt.sources.web.stage", "the domain corpus is read from files"),
 ])
 def test_a_bad_value_names_its_full_key(override, key, problem):
-    if key is None:
-        assert compose_typed(override).evaluate.models["mine"].stage == "pretrain"
-        return
     with pytest.raises(PipelineError) as err:
         compose_typed(override)
     assert str(err.value).startswith(f"config key '{key}'") and problem in str(err.value)
+
+
+def test_good_values_arrive_typed():
+    cfg = compose_typed("+evaluate.models.mine.path=/models/gpt2", "tokenizer.kind=file", "model.block=llama")
+    assert cfg.evaluate.models["mine"] == StageOrPath(path="/models/gpt2")
+    assert cfg.tokenizer.kind is TokenizerKind.file and cfg.model.block is BlockKind.llama
+    assert cfg.model.as_dict()["block"] == "llama" and type(cfg.model.as_dict()["block"]) is str
 
 
 @pytest.mark.parametrize("override, choices", [("model.block=gru", "gpt, llama"), ("sft.template=alpaca", "chatml"),

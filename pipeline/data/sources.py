@@ -28,9 +28,6 @@ class SampleBy(StrEnum):
     document = "document"  # the whole file
 
 
-SAMPLE_BY = tuple(SampleBy)
-
-
 @dataclass
 class StageOrPath:
     """An input: an upstream stage's output, or files (a file, a directory or a glob) of one's own."""
@@ -40,8 +37,16 @@ class StageOrPath:
 
     def __post_init__(self):
         if (self.stage is None) == (self.path is None):
+            hint = " (stage has a default: set it to null to give a path)" if self.stage else ""
             raise ConfigError("", f"sets {'both' if self.stage else 'neither'} of 'stage' and 'path'; set exactly one "
-                                  f"('stage: <upstream stage>' or 'path: <your files>')")
+                                  f"('stage: <upstream stage>' or 'path: <your files>'){hint}")
+
+    def located(self, stage_dirs: Mapping[str, Path], key: str) -> tuple[Path, str]:
+        """The directory or files this input names (a stage's output directory in ``stage_dirs``), and the full
+        key that names it (``key`` is this input's own, e.g. ``cpt.init``), for error messages."""
+        if self.stage is not None:
+            return Path(stage_dirs[self.stage]), f"{key}.stage"
+        return Path(self.path).resolve(), f"{key}.path"
 
 
 @dataclass

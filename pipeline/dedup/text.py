@@ -26,7 +26,6 @@ class ShingleKind(StrEnum):
     char = "char"
 
 
-SHINGLE_KINDS = tuple(ShingleKind)
 _P = np.uint64(0x100000001B3)  # the 64-bit FNV prime: odd, so the polynomial mixes every position
 
 

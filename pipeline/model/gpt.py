@@ -26,8 +26,6 @@ class BlockKind(StrEnum):
     llama = "llama"  # RoPE, RMSNorm, SwiGLU MLP, no biases
 
 
-BLOCKS = tuple(BlockKind)
-
 # One (key, value) pair per layer, each (batch, heads, time, head_dim).
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 

@@ -56,10 +56,13 @@ def model_kind(path: Path) -> Optional[str]:
     return None
 
 
-def load_pretrained(path: Path, key: str = "path", tokenizer_json: Optional[Path] = None) -> Pretrained:
+def load_pretrained(path: Path, key: str = "path", tokenizer_json: Optional[Path] = None,
+                    stage_dirs: Optional[Mapping[str, Path]] = None, keep_adapter: bool = False) -> Pretrained:
     """The model at ``path`` (see the module's docstring); ``key`` names the setting in error messages.
 
-    ``tokenizer_json`` overrides the search for the tokenizer beside the model.
+    ``tokenizer_json`` overrides the search for the tokenizer beside the model. An sft adapter is folded
+    into its base (a plain GPT) unless ``keep_adapter``; its base is the upstream stage's directory in
+    ``stage_dirs`` when given there, else the path the sft manifest recorded.
     """
     path = Path(path)
     kind = model_kind(path)
@@ -80,18 +83,24 @@ def load_pretrained(path: Path, key: str = "path", tokenizer_json: Optional[Path
     elif kind == "adapter":
         from pipeline.sft.lora import load_adapter
 
-        model = load_adapter(load_pretrained(adapter_base(path), f"{key} (the adapter's base)").model, path / ADAPTER)
+        from pipeline.sft.lora import merge
+
+        base = load_pretrained(adapter_base(path, stage_dirs or {}), f"{key} (the adapter's base)").model
+        model = load_adapter(base, path / ADAPTER)
+        model = model if keep_adapter else merge(model)
     else:
         model = load_model(path)
     return Pretrained(model, Path(tokenizer_json), chat_template)
 
 
-def adapter_base(stage_dir: Path) -> Path:
-    """The directory of the model an sft stage's adapter was trained on, as its manifest records it."""
+def adapter_base(stage_dir: Path, stage_dirs: Mapping[str, Path]) -> Path:
+    """The directory of the model an sft stage's adapter was trained on: its stage's in ``stage_dirs``, else
+    the path the sft manifest recorded."""
     manifest = Path(stage_dir) / "manifest.json"
     if not manifest.is_file():
         raise BadInput(f"{stage_dir} holds an adapter but no manifest.json naming its base model")
-    return Path(json.loads(manifest.read_text())["outputs"]["base"]["path"])
+    base = json.loads(manifest.read_text())["outputs"]["base"]
+    return Path(stage_dirs[base["stage"]]) if base.get("stage") in stage_dirs else Path(base["path"])
 
 
 def keep_checkpoints(checkpoint_dir: Path, out_dir: Path) -> list[str]:

@@ -44,8 +44,6 @@ class Bias(StrEnum):
     lora_only = "lora_only"
 
 
-BIASES = tuple(Bias)
-
 # Our generic names in each transformers family (model.config.model_type).
 _GENERIC = {
     "gpt2": {"attn.qkv": ["attn.c_attn"], "attn.proj": ["attn.c_proj"], "mlp.up": ["mlp.c_fc"],

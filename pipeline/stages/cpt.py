@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import filecmp
-from pathlib import Path
 
 from tokenizers import Tokenizer
 
@@ -30,7 +29,7 @@ def upstream(cfg: StageConfig) -> list[str]:
 
 def run(cfg: StageConfig, ctx: StageContext) -> StageResult:
     spec, special = cfg.cpt, cfg.tokenizer.special_tokens
-    init = load_pretrained(ctx.inputs[spec.init.stage].dir if spec.init.stage else Path(spec.init.path), "cpt.init")
+    init = load_pretrained(*spec.init.located(ctx.input_dirs, "cpt.init"), stage_dirs=ctx.input_dirs)
     tokenizer = Tokenizer.from_file(str(init.tokenizer_json))
     eos_id = token_id(tokenizer, special.eos, init.tokenizer_json, "tokenizer.special_tokens.eos")
     domain = encode_sources(spec.sources, tokenizer, eos_id, ctx.build_dir / "data", spec.val_fraction, cfg.seed,

@@ -15,7 +15,7 @@ def upstream(cfg: StageConfig) -> list[str]:
 
 def run(cfg: StageConfig, ctx: StageContext) -> StageResult:
     d = cfg.dedup
-    docs = read_input(d.input, {name: u.dir for name, u in ctx.inputs.items()})
+    docs = read_input(d.input, ctx.input_dirs)
     result = deduplicate(docs.table, d, label=docs.label)
 
     outputs = write_parts({"kept": result.kept, "removed": result.removed}, ctx.build_dir, d.rows_per_shard)

@@ -13,7 +13,7 @@ def upstream(cfg: StageConfig) -> list[str]:
 
 
 def run(cfg: StageConfig, ctx: StageContext) -> StageResult:
-    docs = read_input(cfg.dedup.input, {name: u.dir for name, u in ctx.inputs.items()})
+    docs = read_input(cfg.dedup.input, ctx.input_dirs)
     evaluation = near_eval(eval_texts(docs, cfg.dedup.eval), cfg.dedup.near, cfg.dedup.eval, ctx.build_dir)
     for path in evaluation.files:
         ctx.run.log_artifact(path)

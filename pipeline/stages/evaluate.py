@@ -50,12 +50,9 @@ def run(cfg: StageConfig, ctx: StageContext) -> StageResult:
     suites = [prompt_suite(name, seed=cfg.seed, **dataclasses.asdict(t)) for name, t in e.tasks.items()]
     models = {}  # loaded one at a time while scoring
     for name, m in e.models.items():
-        if m.stage:
-            path, key = ctx.inputs[m.stage].dir, f"evaluate.models.{name}"
-            ctx.run.set_tags({f"evaluated.{name}.run_id": ctx.inputs[m.stage].run_id or ""})
-        else:
-            path, key = Path(m.path), f"evaluate.models.{name}.path"
-            ctx.run.set_tags({f"evaluated.{name}.path": str(path.resolve())})
+        path, key = m.located(ctx.input_dirs, f"evaluate.models.{name}")
+        ctx.run.set_tags({f"evaluated.{name}.run_id": ctx.inputs[m.stage].run_id or ""} if m.stage else
+                         {f"evaluated.{name}.path": str(path)})
         models[name] = partial(load_any, name, path, e.prefix_token, cfg.tokenizer.special_tokens.eos, device,
                                e.context, key)
     result = evaluate_models(models, sets, suites, e.stride, e.batch_size, device)

@@ -35,7 +35,7 @@ def refuse_a_rebuilt_base(ctx: StageContext) -> None:
 def run(cfg: StageConfig, ctx: StageContext) -> StageResult:
     refuse_a_rebuilt_base(ctx)
     sft = ctx.inputs["sft"]
-    tuned = load_pretrained(sft.dir, "sft")
+    tuned = load_pretrained(sft.dir, "the sft stage's output", stage_dirs=ctx.input_dirs, keep_adapter=True)
     merged, adapter_diff = fold_adapter(tuned.model, TOLERANCE)
     outputs = publish_model(merged, tuned.tokenizer_json, ctx.build_dir, dataclasses.asdict(cfg.tokenizer.special_tokens),
                             chat_template=tuned.chat_template)

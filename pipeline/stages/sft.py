@@ -12,7 +12,6 @@ which merge folds the adapter into.
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 
 from pipeline.contract import StageConfig, StageContext, StageResult
 from pipeline.model.io import Pretrained, load_pretrained
@@ -32,10 +31,8 @@ def upstream(cfg: StageConfig) -> list[str]:
 
 def base_model(cfg: StageConfig, ctx: StageContext) -> tuple[Pretrained, dict]:
     """The model to tune, and where it is as ``outputs.base`` records it (merge and load_pretrained read it)."""
-    init = cfg.sft.init
-    path = ctx.inputs[init.stage].dir if init.stage else Path(init.path).resolve()
-    key = "sft.init.stage" if init.stage else "sft.init.path"
-    return load_pretrained(path, key), {"stage": init.stage, "path": str(path)}
+    path, key = cfg.sft.init.located(ctx.input_dirs, "sft.init")
+    return load_pretrained(path, key, stage_dirs=ctx.input_dirs), {"stage": cfg.sft.init.stage, "path": str(path)}
 
 
 def run(cfg: StageConfig, ctx: StageContext) -> StageResult:
@@ -50,7 +47,7 @@ def run(cfg: StageConfig, ctx: StageContext) -> StageResult:
     if ctx.rank:
         return StageResult()
     before = tuned.outcome.before or ctx.run.logged_metrics("before")  # resumed: measured by the first execution
-    untuned = None if lora else load_pretrained(Path(where["path"])).model  # LoRA: the adapter switched off
+    untuned = None if lora else base_model(cfg, ctx)[0].model  # LoRA: the tuned model with its adapter switched off
     report = base_vs_tuned(tuned.model, untuned, data, {**tuned.outcome.metrics, **before}, s.template, special,
                            ctx.build_dir, **asdict(s.generate))  # per_source, max_new_tokens, show
     print(report.comparison)

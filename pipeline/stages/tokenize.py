@@ -18,7 +18,7 @@ def upstream(cfg: StageConfig) -> list[str]:
 
 def run(cfg: StageConfig, ctx: StageContext) -> StageResult:
     t, spec = cfg.tokenize, cfg.tokenizer
-    sources = with_stage_paths(t.sources, {name: up.dir for name, up in ctx.inputs.items()})
+    sources = with_stage_paths(t.sources, ctx.input_dirs)
     docs, n_train = split_documents(sources, t.val_fraction, cfg.seed, t.num_proc, ctx.cache_dir / "datasets")
 
     started = time.perf_counter()
@@ -27,11 +27,9 @@ def run(cfg: StageConfig, ctx: StageContext) -> StageResult:
     tokenizer.save(str(ctx.build_dir / "tokenizer.json"))
     eos_id = token_id(tokenizer, spec.special_tokens.eos, "the tokenizer", "tokenizer.special_tokens.eos")
 
-    started = time.perf_counter()
     corpus = encode_corpus(docs, list(sources), tokenizer, eos_id, ctx.build_dir, t)
-    encode_s = time.perf_counter() - started
 
     ctx.run.log_artifact(plot_tokenized(corpus, list(sources), ctx.build_dir))
     return StageResult(counts=tokenize_counts(corpus, list(sources), len(docs)),
-                       metrics=tokenize_metrics(corpus, tokenizer, encode_s, tokenizer_s),
+                       metrics=tokenize_metrics(corpus, tokenizer, tokenizer_s),
                        outputs=tokenize_outputs(corpus, tokenizer, eos_id, spec.special_tokens))

@@ -8,10 +8,10 @@ from typing import Iterable, Optional
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from pipeline.errors import BadInput, check
+from pipeline.errors import BadInput, check, choice
 
 
-class TokenizerKind(enum.Enum):
+class TokenizerKind(enum.StrEnum):
     bpe = "bpe"  # train byte-level BPE on the training split
     bytes = "bytes"  # 256 byte symbols plus the special tokens, no merges (character-level work)
     file = "file"  # an existing tokenizer.json
@@ -39,6 +39,7 @@ class TokenizerSpec:
     special_tokens: SpecialTokens = field(default_factory=SpecialTokens)
 
     def __post_init__(self):
+        self.kind = choice(TokenizerKind, self.kind, "kind")
         check(self.vocab_size >= 1, "vocab_size", self.vocab_size, "at least 1")
 
 

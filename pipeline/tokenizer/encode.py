@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -219,6 +220,7 @@ class EncodedCorpus:
     shards: TokenShards
     counts: dict  # split (train, val, empty) -> documents, tokens, bytes: one number per source
     length_histogram: dict  # bins and per-source counts of document lengths in tokens
+    encode_seconds: float = 0.0  # encoding and writing the shards
 
     def totals(self) -> dict:
         """``counts`` summed over the sources."""
@@ -233,6 +235,7 @@ def encode_corpus(docs: datasets.Dataset, source_names: list[str], tokenizer: To
     """
     out_dir = Path(out_dir)
     write_val_documents(docs, source_names, out_dir / "val.parquet")  # text, for the evaluate stage
+    started = time.perf_counter()
     scratch = out_dir / "encoded"
     encoded = encode_documents(docs, tokenizer, eos_id, scratch / "data.arrow", num_proc=spec.num_proc,
                                batch_size=spec.batch_size)
@@ -242,7 +245,7 @@ def encode_corpus(docs: datasets.Dataset, source_names: list[str], tokenizer: To
     shutil.rmtree(scratch, ignore_errors=True)
     val = shards["counts"]["val"]
     return EncodedCorpus(TokenShards(out_dir, shards["index"], sum(val["bytes"]) / max(sum(val["tokens"]), 1)),
-                         shards["counts"], shards["length_histogram"])
+                         shards["counts"], shards["length_histogram"], time.perf_counter() - started)
 
 
 def encode_sources(sources: Mapping[str, SourceSpec], tokenizer: Tokenizer, eos_id: int, out_dir: Path,

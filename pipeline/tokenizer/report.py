@@ -17,8 +17,8 @@ def per_source(corpus: EncodedCorpus, names: list[str]) -> dict:
             for i, name in enumerate(names)}
 
 
-def tokenize_metrics(corpus: EncodedCorpus, tokenizer: Tokenizer, encode_s: float, tokenizer_s: float) -> dict:
-    totals = corpus.totals()
+def tokenize_metrics(corpus: EncodedCorpus, tokenizer: Tokenizer, tokenizer_s: float) -> dict:
+    totals, encode_s = corpus.totals(), corpus.encode_seconds
     total_bytes = totals["train"]["bytes"] + totals["val"]["bytes"]
     return {
         "tokenize/vocab_size": tokenizer.get_vocab_size(),

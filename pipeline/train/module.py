@@ -19,9 +19,6 @@ class Schedule(StrEnum):
     constant = "constant"  # after warmup
 
 
-SCHEDULES = tuple(Schedule)
-
-
 @dataclass
 class OptimSpec:
     lr: float = 1e-3  # peak learning rate

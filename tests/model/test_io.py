@@ -97,11 +97,20 @@ def test_an_adapter_directory_loads_with_its_base_and_folds_into_one_model(token
     (sft_dir / "manifest.json").write_text(json.dumps({"outputs": {"base": {"stage": "pretrain",
                                                                             "path": str(base_dir)}}}))
 
-    loaded = load_pretrained(sft_dir, "sft")
+    loaded = load_pretrained(sft_dir, "sft", keep_adapter=True)
     assert model_kind(sft_dir) == "adapter" and loaded.chat_template == TEMPLATE
     ids = probe_ids(base.cfg, seed=5)
     with_adapter = probe_logits(tuned.eval(), ids)
     assert torch.allclose(probe_logits(loaded.model.eval(), ids), with_adapter, atol=1e-5)
+    folded = load_pretrained(sft_dir, "sft").model  # by default the adapter is folded in: a plain GPT
+    assert isinstance(folded, GPT) and torch.allclose(probe_logits(folded.eval(), ids), with_adapter, atol=1e-4)
+    # The base is the upstream stage's directory where one is given (outputs moved since sft ran) ...
+    moved = tmp_path / "moved" / "pretrain"
+    base_dir.rename(moved.parent.mkdir() or moved)
+    relocated = load_pretrained(sft_dir, "sft", stage_dirs={"pretrain": moved}).model
+    assert torch.allclose(probe_logits(relocated.eval(), ids), with_adapter, atol=1e-4)
+    with pytest.raises(BadInput, match="the adapter's base"):  # ... else the path sft recorded
+        load_pretrained(sft_dir, "sft")
     assert not torch.allclose(probe_logits(base, ids), with_adapter, atol=1e-3), "the adapter changes the model"
     merged, difference = fold_adapter(loaded.model, tolerance=1e-4)
     assert isinstance(merged, GPT) and difference <= 1e-4
