@@ -2,6 +2,8 @@
 transformers causal LM directory."""
 from __future__ import annotations
 
+import pickle
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -57,8 +59,9 @@ def transformers_model(name: str, directory: Path, prefix_token: Optional[str], 
     if not (directory / TOKENIZER).is_file():
         raise BadInput(f"{directory} has no {TOKENIZER} (a fast tokenizer is needed to score text)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True).to(device).eval()
-    except (OSError, ValueError) as e:
+        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True,
+                                                     trust_remote_code=False).to(device).eval()
+    except (OSError, ValueError, pickle.UnpicklingError) as e:  # a .bin that unpickles more than weights
         raise BadInput(f"{directory}: transformers cannot load it as a causal LM: {str(e).splitlines()[0]}") from e
     tokenizer = Tokenizer.from_file(str(directory / TOKENIZER))
     if prefix_token is not None:

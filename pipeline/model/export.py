@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Optional
 import torch
 
 from pipeline.errors import BadInput
-from pipeline.model.gpt import GPT, ModelConfig
+from pipeline.model.gpt import GPT, ModelConfig, unpickling_refused
 
 SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 
@@ -203,7 +204,10 @@ def import_transformers(path: Path) -> GPT:
         raise BadInput(f"{path}: model_type={model_type!r} is not supported; import reads "
                        f"{' or '.join(f'{t} ({cls})' for t, cls in SUPPORTED.items())}")
     cfg = _our_config(AutoConfig.from_pretrained(path, local_files_only=True), path)
-    hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except pickle.UnpicklingError as e:  # a pytorch_model.bin that unpickles more than weights (not run)
+        raise unpickling_refused(path, e) from None
     theirs = hf.state_dict()
 
     params = _gpt2_params(cfg) if cfg.block == "gpt" else _llama_params(cfg)

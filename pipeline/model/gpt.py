@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import check, choice
+from pipeline.errors import BadInput, check, choice
 
 
 class BlockKind(StrEnum):
@@ -261,6 +261,36 @@ def save_model(model: GPT, path) -> None:
     tmp.replace(path)
 
 
+def unpickling_refused(path, error: Exception) -> BadInput:
+    """The one-line error for a file that ``torch.load(weights_only=True)`` refused (a pickle.UnpicklingError),
+    naming the file and the type it wanted; for every loader that unpickles (transformers' .bin, peft's too)."""
+    import re
+
+    found = re.search(r"GLOBAL ([\w.]+)|Unsupported operand (\d+)", str(error))
+    wanted = (found.group(1) or f"pickle opcode {found.group(2)}") if found else "objects beyond plain values"
+    return BadInput(f"{path}: the loader refuses to unpickle {wanted}: not a checkpoint this pipeline wrote; it "
+                    f"reads tensors and plain values only (save a model you trust with pipeline.model.gpt.save_model)")
+
+
+def read_checkpoint(path, map_location: str = "cpu") -> dict:
+    """The dict in a model.pt or a Lightning .ckpt, unpickled with ``weights_only=True``.
+
+    Only tensors and plain values come back, so a file crafted to run code when unpickled is refused, not
+    run. Nothing is allow-listed: what this pipeline saves holds plain values only (save_model's config
+    dict; LanguageModel's hyperparameters and LRSchedule's state, pipeline/train/module.py).
+    """
+    import pickle
+
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise unpickling_refused(path, e) from None
+    if not (isinstance(blob, dict) and "state_dict" in blob and ("config" in blob or "hyper_parameters" in blob)):
+        raise BadInput(f"{path} is neither a {MODEL_FILE} (config, state_dict) nor a Lightning checkpoint "
+                       f"(hyper_parameters, state_dict) of this pipeline")
+    return blob
+
+
 def load_model(path, map_location: str = "cpu") -> GPT:
     """A model from ``model.pt`` (save_model), a stage directory holding one, or a Lightning checkpoint (.ckpt)."""
     from pathlib import Path
@@ -268,7 +298,7 @@ def load_model(path, map_location: str = "cpu") -> GPT:
     path = Path(path)
     if path.is_dir():
         path = path / MODEL_FILE
-    blob = torch.load(path, map_location=map_location, weights_only=False)
+    blob = read_checkpoint(path, map_location)
     if "config" in blob:
         config, state = blob["config"], blob["state_dict"]
     else:  # Lightning: the module's hyperparameters hold the model config, its weights sit under "model."

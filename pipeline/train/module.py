@@ -86,9 +86,12 @@ class LanguageModel(pl.LightningModule):
 
     def __init__(self, model: dict, optim: dict, max_steps: int, compile: bool = False):
         super().__init__()
-        self.save_hyperparameters()
         self.model = GPT(ModelConfig(**model))
         self.optim_spec = OptimSpec(**optim)
+        # Plain values (enums as strings), whatever the caller passed: every checkpoint then loads with
+        # torch.load(weights_only=True), which refuses any other type (pipeline.model.gpt.read_checkpoint).
+        self.save_hyperparameters({"model": self.model.cfg.as_dict(), "optim": self.optim_spec.as_dict(),
+                                   "max_steps": max_steps, "compile": compile})
         self.max_steps = max_steps
         # Not a submodule attribute: the weights stay under "model." in the state dict, compiled or not.
         object.__setattr__(self, "_forward", torch.compile(self.model) if compile else self.model)

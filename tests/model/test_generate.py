@@ -189,7 +189,7 @@ def test_cli_reads_a_lightning_checkpoint(stage_dir, capsys):
     directory, model = stage_dir
     ckpt = directory / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir()
-    torch.save({"hyper_parameters": {"model": vars(model.cfg)},
+    torch.save({"hyper_parameters": {"model": model.cfg.as_dict()},  # plain values, as LanguageModel saves them
                 "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, ckpt)
     assert main([str(ckpt), "--prompt", "a", "--strategy", "beam", "--num-beams", "2", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.startswith("a")
