@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,7 +37,51 @@ class TrackingSettings:
         return Path(location).resolve().as_uri() if location else None
 
 
+REACHABLE_TIMEOUT_S = 5.0
+_answered: set[str] = set()  # http(s) tracking URIs whose server answered in this process
+
+
+def check_reachable(uri: str, timeout_s: Optional[float] = None) -> None:
+    """Raise a one-line PipelineError when the http(s) tracking server at ``uri`` does not answer within
+    ``timeout_s`` (REACHABLE_TIMEOUT_S): MLflow's own retries take minutes to give up, and end in a long traceback.
+
+    Any HTTP reply counts (even 401 or 404): this asks whether a server is there, not whether it is healthy
+    or lets us in, which MLflow then reports itself. Other URIs (sqlite, file) are left to MLflow.
+    """
+    import http.client
+    import ssl
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or uri in _answered:
+        return
+    timeout_s = REACHABLE_TIMEOUT_S if timeout_s is None else timeout_s
+    host = parts.hostname or ""
+    try:
+        port = parts.port
+    except ValueError as e:  # a port that is not a number
+        raise PipelineError(f"tracking.uri names the server {host} with a bad port: {e}") from None
+    # Shown and asked without any user:password@ the URI carries.
+    shown = f"{parts.scheme}://{f'[{host}]' if ':' in host else host}{f':{port}' if port else ''}{parts.path}"
+    # TLS is not verified here (MLflow verifies it, with its own CA settings); a proxy from the environment is used.
+    context = ssl._create_unverified_context() if parts.scheme == "https" else None
+    try:
+        with urllib.request.urlopen(f"{shown.rstrip('/')}/health", timeout=timeout_s, context=context):
+            pass
+    except urllib.error.HTTPError:
+        pass  # a server answered
+    except (OSError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", None) or e
+        raise PipelineError(f"the MLflow tracking server at {shown} does not answer within {timeout_s:g} s "
+                            f"({reason}): start it (mlflow server --host ... --port ...), or set tracking.uri or "
+                            f"MLFLOW_TRACKING_URI to one that runs, or use the local store (tracking=sqlite)") from None
+    _answered.add(uri)
+
+
 def client_for(settings: TrackingSettings):
+    check_reachable(settings.uri)
     from mlflow.tracking import MlflowClient  # mlflow is slow to import; only stages that track pay for it
 
     return MlflowClient(tracking_uri=settings.uri)
@@ -75,15 +120,19 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 class StageRun:
     """The MLflow run of one stage execution."""
 
-    def __init__(self, client, run_id: str):
+    def __init__(self, client, run_id: str, logged_until: Optional[Mapping[str, int]] = None):
         self.client, self.run_id = client, run_id
+        # A resumed run: the last step of each metric an earlier execution logged. A run resumed from an
+        # earlier checkpoint repeats those steps; they are logged once.
+        self.logged_until = dict(logged_until or {})
 
     def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
         from mlflow.entities import Metric
         import time
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+                 if (step or 0) > self.logged_until.get(k, -1)]
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
 
@@ -169,7 +218,7 @@ def stage_run(settings: TrackingSettings, run_name: str, tags: Mapping[str, str]
                                 f"config (config_hash {previous.data.tags.get('config_hash')} != "
                                 f"{tags.get('config_hash')}); remove the checkpoint to start afresh")
         client.update_run(resume_run_id, status="RUNNING")
-        run = StageRun(client, resume_run_id)
+        run = StageRun(client, resume_run_id, last_steps(client, resume_run_id))
     else:
         all_tags = dict(tags)
         if parent_run_id:
@@ -183,13 +232,43 @@ def stage_run(settings: TrackingSettings, run_name: str, tags: Mapping[str, str]
         try:
             yield run
         except (StageKilled, KeyboardInterrupt):
-            client.set_terminated(run.run_id, status="KILLED")
+            _end(client, run.run_id, "KILLED")
             raise
         except BaseException as e:
             if killed:
-                client.set_terminated(run.run_id, status="KILLED")
+                _end(client, run.run_id, "KILLED")
                 raise StageKilled(killed[0]) from e
-            client.set_tag(run.run_id, "error", f"{type(e).__name__}: {e}"[:5000])
-            client.set_terminated(run.run_id, status="FAILED")
+            _end(client, run.run_id, "FAILED", f"{type(e).__name__}: {e}")
             raise
         client.set_terminated(run.run_id, status="FINISHED")
+
+
+def last_steps(client, run_id: str) -> dict[str, int]:
+    """The last step each metric of a run was logged at."""
+    keys = client.get_run(run_id).data.metrics
+    return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in keys}
+
+
+def _end(client, run_id: str, status: str, error: Optional[str] = None) -> None:
+    """End a run that is being unwound; if the store cannot be written (its disk is full, say), say so in one
+    line and let the original error through."""
+    try:
+        if error:
+            client.set_tag(run_id, "error", error[:5000])
+        client.set_terminated(run_id, status=status)
+    except Exception as e:  # noqa: BLE001 - the error that ended the stage matters more
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        print(f"could not mark MLflow run {run_id} {status}: {reason}", file=sys.stderr, flush=True)
+
+
+def end_if_running(settings: TrackingSettings, run_id: str, status: str) -> None:
+    """End a run left RUNNING by a process that could not close it (SIGKILL); a run that is gone is ignored."""
+    from mlflow.exceptions import MlflowException
+
+    client = client_for(settings)
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status=status)
+            print(f"marked the interrupted MLflow run {run_id} {status}", flush=True)
+    except MlflowException:
+        pass
