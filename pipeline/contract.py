@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from pipeline import PROJECT_ROOT
 from pipeline.config import RootConfig, as_plain
 from pipeline.errors import BadInput, MissingUpstream, PipelineError
 from pipeline.model.checkpoints import checkpoint_dir_for
-from pipeline.tracking import StageRun, flatten, stage_run
+from pipeline.tracking import StageRun, end_if_running, flatten, stage_run
 
 MANIFEST = "manifest.json"
 
@@ -75,6 +76,7 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, Any] = field(default_factory=dict)  # stage-specific index of what it wrote
     step: int = 0  # the MLflow step of ``metrics`` (a training stage's last step)
+    warnings: list[str] = field(default_factory=list)  # what a user should know of a run that succeeded
 
 
 class StageConfig:
@@ -197,17 +199,36 @@ def write_manifest(directory: Path, manifest: dict) -> Path:
 RESUME_STATE = "run.json"
 
 
-def resumable_run(ckpt_dir: Path, chash: str) -> Optional[str]:
-    """The MLflow run id to resume in ``ckpt_dir``, or None; a leftover from another config is removed."""
+def resumable_run(ckpt_dir: Path, chash: str) -> tuple[Optional[str], Optional[str]]:
+    """(the MLflow run id to resume in ``ckpt_dir`` or None, the run id of checkpoints of another config or None).
+
+    Checkpoints of another config are kept: the directory is renamed to ``<stage>.ckpt-<its hash>``, from
+    where renaming it back resumes that run.
+    """
     state_path = ckpt_dir / RESUME_STATE
     if not state_path.is_file():
-        return None
+        return None, None
     state = json.loads(state_path.read_text())
     if state.get("config_hash") == chash:
-        return state["mlflow_run_id"]
-    print(f"{_shown(ckpt_dir)} holds checkpoints of another config ({state.get('config_hash')}); starting afresh")
-    shutil.rmtree(ckpt_dir)
-    return None
+        return state["mlflow_run_id"], None
+    aside = ckpt_dir.with_name(f"{ckpt_dir.name}-{state.get('config_hash')}")
+    n = 1
+    while aside.exists() or aside.is_symlink():
+        n += 1
+        aside = ckpt_dir.with_name(f"{ckpt_dir.name}-{state.get('config_hash')}.{n}")
+    os.rename(ckpt_dir, aside)
+    print(f"{_shown(ckpt_dir)} held the checkpoints of another config ({state.get('config_hash')}); kept them at "
+          f"{_shown(aside)} (rename it back to {ckpt_dir.name} to resume that run) and starting afresh", flush=True)
+    return None, state.get("mlflow_run_id")
+
+
+def remove_checkpoints(ckpt_dir: Path) -> None:
+    """Remove a finished run's checkpoint directory; a symlink to one elsewhere is emptied and kept."""
+    if ckpt_dir.is_symlink():
+        for child in ckpt_dir.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    else:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
 def distributed_rank() -> int:
@@ -266,7 +287,9 @@ def execute_stage(stage: str, module: ModuleType, cfg: RootConfig, out_dir: Opti
     deferred = False
     try:
         with stage_lock(final_dir, stage):
-            resume_id = resumable_run(ckpt_dir, chash) if resumable else None
+            resume_id, superseded = resumable_run(ckpt_dir, chash) if resumable else (None, None)
+            if superseded:  # killed by SIGKILL, it was never closed
+                end_if_running(cfg.tracking, superseded, "KILLED")
             with stage_run(cfg.tracking, run_name=run_name or stage, tags=tags,
                            params=flatten(as_plain(cfg)),
                            parent_run_id=parent_run_id, resume_run_id=resume_id) as run:
@@ -281,7 +304,7 @@ def execute_stage(stage: str, module: ModuleType, cfg: RootConfig, out_dir: Opti
                 _build(stage, module, cfg, section, final_dir, inputs, run, ckpt_dir, resume_id is not None, chash, commit,
                        started, sections)
             if resumable:
-                shutil.rmtree(ckpt_dir, ignore_errors=True)
+                remove_checkpoints(ckpt_dir)
     finally:
         if deferred:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, TERMINATING)
@@ -297,6 +320,10 @@ def _build(stage: str, module: ModuleType, cfg: RootConfig, section: StageConfig
                            checkpoint_dir=ckpt_dir, resumed=resumed)
         result = module.run(section, ctx)
         run.log_metrics(result.metrics, step=result.step)
+        for warning in result.warnings:
+            print(f"{stage}: warning: {warning}", file=sys.stderr, flush=True)
+        if result.warnings:
+            run.set_tags({"warnings": "; ".join(result.warnings)})
         manifest = {
             "stage": stage,
             "experiment": cfg.name,
@@ -307,6 +334,7 @@ def _build(stage: str, module: ModuleType, cfg: RootConfig, section: StageConfig
             "counts": result.counts,
             "metrics": result.metrics,
             "outputs": result.outputs,
+            "warnings": result.warnings,
             "mlflow_run_id": run.run_id,
             "git_commit": commit,
             "wall_time_s": round(time.time() - started, 3),

@@ -6,7 +6,10 @@ directory with ``checkpoint_dir_for``.
 """
 from __future__ import annotations
 
+import os
 import re
+import sys
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +31,36 @@ def checkpoints(directory: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(directory: Path) -> Optional[Path]:
+def intact(path: Path) -> bool:
+    """Whether ``path`` is a whole checkpoint file: torch writes a zip archive, whose directory is its last
+    bytes, so a file cut short (a full disk, an interrupted copy) has none."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return bool(archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def latest_checkpoint(directory: Path, set_aside_broken: bool = False) -> Optional[Path]:
+    """The newest intact checkpoint in ``directory``, or None.
+
+    A newer one that is not intact is skipped with a line saying so; with ``set_aside_broken`` it is
+    renamed to ``<name>.broken`` (kept for inspection, no longer a checkpoint), so a resumed run that
+    writes that step again cannot be confused by it.
+    """
     found = checkpoints(directory) if Path(directory).is_dir() else []
-    return found[-1] if found else None
+    newest, broken = None, []
+    for path in reversed(found):
+        if intact(path):
+            newest = path
+            break
+        broken.append(path)
+    for path in broken:
+        note = ""
+        if set_aside_broken:
+            os.replace(path, path.with_name(path.name + ".broken"))
+            note = f"; renamed to {path.name}.broken"
+        print(f"{path} is not a whole checkpoint (truncated or unreadable){note}; "
+              f"{f'using {newest.name} instead' if newest else 'no older checkpoint is intact'}",
+              file=sys.stderr, flush=True)
+    return newest

@@ -8,6 +8,7 @@ transformers export (hf/) that ``AutoModelForCausalLM`` loads offline.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -104,10 +105,22 @@ def adapter_base(stage_dir: Path, stage_dirs: Mapping[str, Path]) -> Path:
 
 
 def keep_checkpoints(checkpoint_dir: Path, out_dir: Path) -> list[str]:
-    """Move a run's step-*.ckpt files into ``out_dir`` (created) and return their names."""
+    """Link (or, across filesystems, copy) a run's step-*.ckpt files into ``out_dir`` (created); return their names.
+
+    The originals stay until the stage's output is published, so a failure later in publishing (a full
+    disk while writing hf/) loses no training: the next run resumes from them and only publishes.
+    """
     out_dir.mkdir()
     for path in checkpoints(checkpoint_dir):
-        os.replace(path, out_dir / path.name)
+        target = out_dir / path.name
+        try:
+            os.link(path, target)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):  # another filesystem, or no hard links there
+                raise
+            tmp = target.with_name(target.name + ".tmp")
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, target)
     return sorted(p.name for p in out_dir.iterdir())
 
 

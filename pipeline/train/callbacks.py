@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 
 from pipeline.errors import PipelineError, StageKilled
-from pipeline.model.checkpoints import checkpoint_path, checkpoints, latest_checkpoint
+from pipeline.model.checkpoints import checkpoint_path, checkpoints
 from pipeline.model.generate import DecodeSpec, generate_text
 from pipeline.tracking import signal_handler
 
@@ -35,16 +35,20 @@ class Checkpointer(pl.Callback):
     """Every ``every_steps`` optimizer steps (and on request) write step-NNNNNN.ckpt aside, rename it into
     place, and keep the newest ``keep``."""
 
-    def __init__(self, directory: Path, every_steps: int, keep: int):
+    def __init__(self, directory: Path, every_steps: int, keep: int, last: Optional[Path] = None):
         self.directory, self.every_steps, self.keep = Path(directory), every_steps, max(keep, 1)
-        self.last: Optional[Path] = latest_checkpoint(self.directory)
+        self.last = last  # the checkpoint the run resumed from
 
     def save(self, trainer: pl.Trainer) -> Path:
         path = checkpoint_path(self.directory, trainer.global_step)
         if self.last == path:
             return path
         tmp = path.with_name(path.name + ".tmp")
-        trainer.save_checkpoint(tmp)  # every rank takes part; rank 0 writes
+        try:
+            trainer.save_checkpoint(tmp)  # every rank takes part; rank 0 writes
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # on a full disk, the space to record the failure
+            raise
         if trainer.is_global_zero:
             os.replace(tmp, path)
             for old in checkpoints(self.directory)[:-self.keep]:

@@ -127,7 +127,8 @@ def fit(module: LanguageModel, data: TokenDataModule, val_names: list[str], val_
     n_params = non_embedding_params(module.model)
     per_device = tokens_per_step or module.model.cfg.context * train.micro_batch_size * train.grad_accum
     tokens_per_step = round(per_device * trainer_spec.devices * trainer_spec.num_nodes)
-    checkpointer = Checkpointer(checkpoint_dir, train.ckpt_every_steps, train.keep_checkpoints)
+    resume = latest_checkpoint(checkpoint_dir, set_aside_broken=True)
+    checkpointer = Checkpointer(checkpoint_dir, train.ckpt_every_steps, train.keep_checkpoints, last=resume)
     stop = GracefulStop(checkpointer)
     metrics = TrainMetrics(log, train.log_every_steps, tokens_per_step, flops_per_token(module.model.cfg, n_params),
                            peak_flops(trainer_spec), val_names, val_bytes_per_token)
@@ -139,7 +140,6 @@ def fit(module: LanguageModel, data: TokenDataModule, val_names: list[str], val_
         callbacks.append(samples)
     trainer = make_trainer(trainer_spec, train, callbacks)
 
-    resume = latest_checkpoint(checkpoint_dir)
     before: dict[str, float] = {}
     if evaluate_first and resume is None:
         trainer.validate(module, datamodule=data, verbose=False)
@@ -148,7 +148,7 @@ def fit(module: LanguageModel, data: TokenDataModule, val_names: list[str], val_
             log(before, 0)
     with stop.handling_signals():
         try:
-            trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+            trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=True)
         except (SystemExit, KeyboardInterrupt):
             # A signal that lands outside a training step (during validation, say) makes Lightning end fit
             # its own way (SIGTERMException, a SystemExit that would exit with status 0). It is still a kill:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import zipfile
 
 import pytest
 import torch
@@ -47,7 +48,9 @@ def test_published_model_loads_back_as_the_same_model_from_each_form(block, toke
     assert outputs == {"model": "model.pt", "tokenizer": "tokenizer.json", "model_config": model.cfg.as_dict(),
                        "checkpoints": ["step-000010.ckpt", "step-000020.ckpt"], "chat_template": "chat_template.jinja",
                        "hf": "hf"}
-    assert not checkpoints(ckpt_dir), "the kept checkpoints move into the output"
+    kept = [(ckpt_dir / name, out / "checkpoints" / name) for name in outputs["checkpoints"]]
+    assert all(a.samefile(b) for a, b in kept), "the kept checkpoints are linked into the output; the originals " \
+        "stay until the stage's output is published"
     assert json.loads(json.dumps(outputs)) == outputs, "the manifest entries are plain values"
     for path, kind in [(out, "model"), (out / "checkpoints" / "step-000020.ckpt", "model"), (out / "hf", "transformers")]:
         assert model_kind(path) == kind
@@ -131,10 +134,13 @@ def test_an_export_that_computes_another_function_is_refused(tokenizer_json, tmp
 def test_checkpoints_sort_by_step_and_sit_beside_the_stage_as_the_contract_names_them(tmp_path):
     assert latest_checkpoint(tmp_path / "missing") is None
     for step in (9, 10, 1_000_000):
-        checkpoint_path(tmp_path, step).touch()
+        with zipfile.ZipFile(checkpoint_path(tmp_path, step), "w") as archive:  # torch.save's format
+            archive.writestr("data.pkl", b"")
     (tmp_path / "step-000011.ckpt.tmp").touch()  # a checkpoint being written is not one yet
     assert [p.name for p in checkpoints(tmp_path)] == ["step-000009.ckpt", "step-000010.ckpt", "step-1000000.ckpt"]
     assert latest_checkpoint(tmp_path).name == "step-1000000.ckpt"
+    checkpoint_path(tmp_path, 1_000_000).write_bytes(b"PK\x03\x04 cut short")
+    assert latest_checkpoint(tmp_path).name == "step-000010.ckpt", "the newest intact one"
     stage = tmp_path / "outputs" / "demo" / "pretrain"
     assert checkpoint_dir_for(stage) == stage.with_name("pretrain.ckpt")
 
