@@ -161,8 +161,23 @@ bench: $(INSTALLED) ## Benchmarks against baselines measured in the same run (ou
 mlflow-ui: $(INSTALLED) ## Serve the MLflow dashboard on http://127.0.0.1:$(MLFLOW_PORT)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath $(OUTPUTS))/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
 
-clean: ## Remove outputs/$(EXP) (the MLflow store in outputs/ is kept)
-	rm -rf $(OUT)
+# One experiment's folder and nothing else: EXP must be a plain name (not empty, no '/' or '..') of a folder in
+# $(OUTPUTS)/ that a run wrote (Hydra's logs/ or multirun/, Make's .args/ or .sweep/ inside), so neither the MLflow
+# store, the cache beside it nor anything outside goes. The values reach bash as environment variables, never
+# spliced into the script.
+clean: export CLEAN_EXP = $(EXP)
+clean: export CLEAN_OUTPUTS = $(OUTPUTS)
+clean: ## Remove outputs/$(EXP), one experiment's folder (the MLflow store and the cache in outputs/ are kept)
+	@dir="$$CLEAN_OUTPUTS/$$CLEAN_EXP"; \
+	if [[ ! "$$CLEAN_EXP" =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*$$ || "$$CLEAN_EXP" == *..* ]]; then \
+		echo "make clean: EXP='$$CLEAN_EXP' is not an experiment name (letters, digits, _ - .; not empty," \
+			"no / or ..): nothing removed" >&2; exit 2; \
+	fi; \
+	if [[ ! -d "$$dir/logs" && ! -d "$$dir/multirun" && ! -d "$$dir/.args" && ! -d "$$dir/.sweep" ]]; then \
+		echo "make clean: $$dir is not an experiment folder (a run leaves logs/, multirun/ or .args/ in one):" \
+			"nothing removed" >&2; exit 2; \
+	fi; \
+	rm -rf -- "$$dir"; echo "removed $$dir"
 
 # Every stage needs the environment, but a reinstall alone does not make its output stale (order-only).
 $(foreach s,filter dedup dedup-eval tokenize pretrain cpt sft merge evaluate scaling,$(OUT)/$(s)/manifest.json) \

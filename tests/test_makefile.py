@@ -82,3 +82,45 @@ def test_a_fresh_clone_sets_itself_up_before_the_tests_and_the_demo(tmp_path):
     # with the environment in place (this checkout's), nothing is installed again
     proc = make("-n", "test")
     assert "pip install" not in proc.stdout and "-m pytest --runslow -q" in proc.stdout
+
+
+def _outputs_with_a_store(root):
+    """An outputs/ folder as runs leave it: two experiments, the MLflow store, its artifacts and the cache; and a
+    folder beside the project that a path escaping outputs/ would reach. Everything lies under ``root``."""
+    outputs = root / "project" / "outputs"
+    for exp in ("demo", "other"):
+        (outputs / exp / "logs" / "tokenize").mkdir(parents=True)
+        (outputs / exp / "tokenize").mkdir()
+        (outputs / exp / "tokenize" / "manifest.json").write_text("{}")
+    (outputs / "mlflow.db").write_text("the store")
+    (outputs / "mlartifacts" / "1").mkdir(parents=True)
+    (outputs / "cache" / "datasets").mkdir(parents=True)
+    for victim in (root / "victim", root / "project" / "victim"):
+        victim.mkdir()
+        (victim / "keep.txt").write_text("not the pipeline's")
+    return outputs
+
+
+def _tree(root) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def test_clean_removes_one_experiment_folder_and_keeps_the_store(tmp_path):
+    outputs = _outputs_with_a_store(tmp_path)
+    before = _tree(tmp_path)
+    proc = make("clean", "EXP=demo", f"OUTPUTS={outputs}")
+    assert proc.returncode == 0, proc.stderr
+    assert not (outputs / "demo").exists()
+    assert _tree(tmp_path) == {p for p in before if not p.startswith("project/outputs/demo")}
+
+
+@pytest.mark.parametrize("exp", ["", ".", "..", "../victim", "../../victim", "demo/..", "demo/../..", "*", "demo*",
+                                 "{victim}", "demo {victim}", "cache", "mlartifacts", "missing", "demo/tokenize"])
+def test_clean_refuses_anything_but_one_experiment_folder(tmp_path, exp):
+    """Each of these removed the store, outputs/ or a folder outside the project (all within tmp_path here)."""
+    outputs = _outputs_with_a_store(tmp_path)
+    before = _tree(tmp_path)
+    proc = make("clean", f"EXP={exp.format(victim=tmp_path / 'victim')}", f"OUTPUTS={outputs}")
+    assert proc.returncode != 0, proc.stdout
+    assert "make clean: " in proc.stderr and "nothing removed" in proc.stderr, proc.stderr[-2000:]
+    assert _tree(tmp_path) == before, "nothing is deleted"
