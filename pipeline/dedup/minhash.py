@@ -6,7 +6,6 @@ Signatures are datasketch ``MinHash`` objects fed pre-hashed shingles (``text.sh
 """
 from __future__ import annotations
 
-import multiprocessing
 import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -16,6 +15,7 @@ import numpy as np
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 from tqdm.auto import tqdm
 
+from pipeline.data.workers import WorkerPool
 from pipeline.dedup.text import ShingleSpec, shingle_hashes
 from pipeline.errors import ConfigError, PipelineError, check, choice
 
@@ -120,7 +120,7 @@ def signatures(texts: Sequence[str], spec: NearSpec, progress: bool = True) -> t
     _TEXTS = texts
     try:
         if spec.num_proc > 1 and len(tasks) > 1:
-            with multiprocessing.get_context("fork").Pool(min(spec.num_proc, len(tasks))) as pool:
+            with WorkerPool(min(spec.num_proc, len(tasks))) as pool:
                 for start, part, part_sizes in pool.imap_unordered(_sign_range, tasks):
                     sig[start:start + len(part)], sizes[start:start + len(part)] = part, part_sizes
                     bar.update(len(part))
@@ -215,7 +215,7 @@ def _redis_pairs(sig: np.ndarray, keys: np.ndarray, spec: NearSpec, params: tupl
             "index": spec.index, "basename": basename}
     shares = [s for s in np.array_split(keys, max(spec.index.workers, 1)) if len(s)]
     try:
-        with multiprocessing.get_context("fork").Pool(max(len(shares), 1)) as pool:
+        with WorkerPool(max(len(shares), 1)) as pool:
             pool.map(_redis_insert, shares)  # a barrier: every document is indexed before any query
             found = pool.map(_redis_query, shares)
     except Exception as e:

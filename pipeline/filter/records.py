@@ -1,11 +1,13 @@
 """Streaming readers for crawl input: WARC/WET, HTML files, JSONL and Parquet.
 
 Every reader yields ``Record`` objects one at a time, so memory does not grow with the corpus. A
-record that cannot be read (a truncated WARC record, a file that stops mid-way, an empty file) is
-still yielded, with ``error`` set, so the filter counts it as rejected and nothing goes missing.
+record that cannot be read (a truncated WARC record, a file that stops mid-way, junk between
+records, an empty file) is still yielded, with ``error`` set, so the filter counts it as rejected
+and nothing goes missing; so is one larger than ``max_bytes``, unread ("too_large").
 """
 from __future__ import annotations
 
+import bisect
 import bz2
 import gzip
 import http.client
@@ -13,9 +15,13 @@ import io
 import json
 import lzma
 import os
+import zlib
+from array import array
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import BadInput
@@ -24,6 +30,7 @@ OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 FORMATS = {".warc": "warc", ".arc": "arc", ".wet": "warc", ".wat": "warc", ".html": "html", ".htm": "html", ".jsonl": "jsonl",
            ".json": "jsonl", ".parquet": "parquet"}
 DOCUMENT_TYPES = ("response", "resource", "conversion")  # WARC record types that carry a page
+RAW_HEAD_BYTES = 65536  # of an oversized document or an unreadable stretch, kept in the rejected row
 
 
 @dataclass
@@ -103,56 +110,294 @@ def _http_payload(block: bytes) -> tuple[bytes, Optional[str], Optional[str], st
     return body, media, charset, status.decode("latin-1").strip()
 
 
-def read_warc(source: str, path: str) -> Iterator[Record]:
-    """Response/resource records as HTML (or text), conversion records (WET) as text."""
-    from fastwarc.warc import ArchiveIterator
+def read_warc(source: str, path: str, max_bytes: Optional[int] = None) -> Iterator[Record]:
+    """Response/resource records as HTML (or text), conversion records (WET) as text.
 
+    Every record that can be read is yielded. A gzipped WARC is read member by member: where its
+    bytes stop being readable (junk appended, a corrupt member, the end of a cut file), the records
+    before are all yielded, the unreadable stretch is one rejected record named by its byte offset,
+    and reading goes on at the next member that begins a WARC record. A plain, bz2 or xz WARC
+    stops at its first unreadable byte, which is one rejected record too.
+    """
     n = 0
-    record = None
-    try:
+    if compression_suffix(path) != ".gz":
         with open_binary(path) as fh:
-            for warc in ArchiveIterator(fh, parse_http=False):
-                kind = warc.headers.get("WARC-Type")
-                if kind not in DOCUMENT_TYPES:
-                    continue
-                n += 1
-                record = Record(source, path, warc.headers.get("WARC-Record-ID") or f"#{n}",
-                                url=(warc.headers.get("WARC-Target-URI") or "").strip("<>") or None,
-                                date=warc.headers.get("WARC-Date"))
-                block = warc.reader.read()
-                if len(block) < warc.content_length:
-                    yield _failed(record, "truncated", f"{len(block)} of {warc.content_length} bytes")
-                    record = None
-                    continue
-                media, charset = _media_type(warc.headers.get("Content-Type"))
-                if kind == "response" and media == "application/http":
-                    try:
-                        block, media, charset, _ = _http_payload(block)
-                    except (ValueError, OSError, EOFError) as e:
-                        yield _failed(record, "bad_http", str(e))
-                        record = None
-                        continue
-                record.content_type, record.charset = media, charset
-                if kind == "conversion" or media == "text/plain":
-                    record.html, record.text = None, None
-                    try:
-                        record.text = block.decode(charset or "utf-8")
-                    except (UnicodeDecodeError, LookupError) as e:
-                        record.html = block  # decoded like a page, with detection
-                        record.error_detail = str(e)
-                else:
-                    record.html = block
-                yield record
-                record = None
-    except (OSError, EOFError, ValueError) as e:
-        # The file stops or breaks here: the record being read (if any) is the casualty; what
-        # came before was already yielded. The file's remainder cannot be located, so it is lost
-        # to this run and the rejection says so.
-        broken = record or Record(source, path, f"#{n + 1}")
-        yield _failed(broken, "truncated" if isinstance(e, EOFError) else "corrupt",
-                      f"{type(e).__name__}: {e}; the rest of the file is unreadable")
-    if n == 0 and record is None and os.path.getsize(path) == 0:
+            stream = _Salvaged(fh)
+            documents = _WarcDocuments(source, path, stream, max_bytes, n)
+            yield from documents
+        n = documents.n
+        if stream.problem and not stream.claimed:
+            yield _failed(Record(source, path, f"#{n + 1}"), "truncated" if stream.truncated else "corrupt",
+                          f"{stream.problem} after {stream.bad_at:,} bytes of decompressed data; the rest of the file "
+                          f"is unreadable")
+        elif documents.error is not None:
+            where = "at the start" if documents.last_at is None else \
+                f"after the record that starts at byte {documents.last_at:,} (decompressed)"
+            yield _failed(Record(source, path, f"#{n + 1}"), "corrupt",
+                          f"not a WARC record ({documents.error}) {where}; the rest of the file is unreadable")
+        elif n == 0 and os.path.getsize(path) == 0:
+            yield _failed(Record(source, path, "#0"), "empty_file", "0 bytes")
+        return
+
+    size = os.path.getsize(path)
+    if size == 0:
         yield _failed(Record(source, path, "#0"), "empty_file", "0 bytes")
+        return
+    with open(path, "rb") as fh:
+        start: Optional[int] = 0
+        while start is not None:
+            stream = _GzipMembers(fh, start)
+            documents = _WarcDocuments(source, path, stream, max_bytes, n, stream_detect=False)
+            yield from documents
+            n = documents.n
+            if stream.problem:
+                bad_at, problem = stream.bad_at, stream.problem
+            elif documents.error is not None:  # readable gzip, but not WARC: skip the member it begins in
+                bad_at, problem = stream.member_after(documents.last_at), f"not a WARC record ({documents.error})"
+            else:
+                return
+            start = None if stream.truncated else _next_warc_member(fh, bad_at + 1)
+            if stream.claimed:  # the record that was being read when the data stopped is the casualty
+                continue
+            length = (size if start is None else start) - bad_at
+            fh.seek(bad_at)
+            stretch = Record(source, path, f"offset {bad_at}", html=fh.read(min(length, RAW_HEAD_BYTES)))
+            if stream.truncated:
+                yield _failed(stretch, "truncated", f"the file ends {length:,} bytes into the gzip member that "
+                                                    f"starts at byte {bad_at:,}")
+            else:
+                where = "to the end of the file" if start is None else f"up to the next record, at byte {start:,},"
+                yield _failed(stretch, "corrupt", f"{length:,} bytes from byte {bad_at:,} {where} cannot be read "
+                                                  f"({problem})")
+
+
+class _WarcDocuments:
+    """The document records fastwarc finds in one stream, as Records numbered on from ``n``.
+
+    ``error`` is why fastwarc stopped early, if it did, and ``last_at`` where the last record it
+    read began. A record cut short because the stream stopped ``claims`` the stream's problem.
+    """
+
+    def __init__(self, source: str, path: str, stream, max_bytes: Optional[int], n: int, stream_detect: bool = True):
+        self.source, self.path, self.stream, self.max_bytes, self.n = source, path, stream, max_bytes, n
+        self.stream_detect = stream_detect
+        self.error: Optional[Exception] = None
+        self.last_at: Optional[int] = None
+
+    def __iter__(self) -> Iterator[Record]:
+        from fastwarc.warc import ArchiveIterator
+
+        records = iter(ArchiveIterator(self.stream, parse_http=False, stream_detect=self.stream_detect))
+        while True:
+            try:
+                warc = next(records)
+            except StopIteration:
+                return
+            except (OSError, ValueError) as e:  # not a WARC record here
+                self.error = e
+                return
+            self.last_at = warc.stream_pos
+            kind = warc.headers.get("WARC-Type")
+            if kind in DOCUMENT_TYPES:
+                self.n += 1
+                yield self._record(warc, kind)
+
+    def _record(self, warc, kind: str) -> Record:
+        record = Record(self.source, self.path, warc.headers.get("WARC-Record-ID") or f"#{self.n}",
+                        url=(warc.headers.get("WARC-Target-URI") or "").strip("<>") or None,
+                        date=warc.headers.get("WARC-Date"))
+        if self.max_bytes is not None and warc.content_length > self.max_bytes:
+            record.html = warc.reader.read(RAW_HEAD_BYTES)  # the rest is skipped unread
+            return _too_large(record, warc.content_length, self.max_bytes)
+        block = warc.reader.read()
+        if len(block) < warc.content_length:
+            detail = f"{len(block)} of {warc.content_length} bytes"
+            if self.stream.problem:
+                self.stream.claimed = True
+                detail += f"; {self.stream.describe()}"
+            record.html = block
+            return _failed(record, "truncated", detail)
+        media, charset = _media_type(warc.headers.get("Content-Type"))
+        if kind == "response" and media == "application/http":
+            try:
+                block, media, charset, _ = _http_payload(block)
+            except (ValueError, OSError, EOFError) as e:
+                record.html = block
+                return _failed(record, "bad_http", str(e))
+        record.content_type, record.charset = media, charset
+        if kind == "conversion" or media == "text/plain":
+            try:
+                record.text = block.decode(charset or "utf-8")
+            except (UnicodeDecodeError, LookupError) as e:
+                record.html = block  # decoded like a page, with detection
+                record.error_detail = str(e)
+        else:
+            record.html = block
+        return record
+
+
+GZIP_MAGIC = b"\x1f\x8b\x08"
+_READ_BYTES = 1 << 20  # compressed bytes read at a time
+_INFLATE_BYTES = 1 << 20  # most decompressed bytes made from them at a time
+_HOLD_BYTES = 16 << 20  # a member's data is held back until its checksum is verified, up to this much
+
+
+class _GzipMembers:
+    """A gzip file's members decompressed one after another from offset ``start``, for fastwarc to read.
+
+    It stops at the first byte that is not part of a readable member (junk, a corrupt member, the
+    end of a file cut inside one) and says where: ``bad_at`` is the compressed offset at which that
+    member or stretch begins, ``problem`` what is wrong. All data before it is delivered (gzip.open,
+    behind a buffered reader, drops a whole read's data when a later member in it is bad, losing
+    intact records without a word), and none of a corrupt member's (WARC writers give each record
+    a member, so a record with a bad checksum is not read as good), up to _HOLD_BYTES a member.
+    """
+
+    def __init__(self, fh, start: int):
+        fh.seek(start)
+        self.fh = fh
+        self.pos = start  # compressed offset of pending[0]
+        self.pending = b""  # compressed bytes read, not yet inflated
+        self.inflate = None  # the open member's decompressor; None between members
+        self.member_at = start
+        self.made = 0  # decompressed bytes made so far
+        self.starts_made, self.starts_at = array("q"), array("q")  # each member's decompressed, compressed offset
+        self.held = bytearray()  # the open member's data, passed on once its checksum is good
+        self.buffer = bytearray()  # data to pass on
+        self.delivered = 0
+        self.done = False
+        self.problem: Optional[str] = None
+        self.bad_at: Optional[int] = None
+        self.truncated = False  # the file ends inside a member
+        self.claimed = False  # a record read when the data stopped carries the problem
+
+    def read(self, size: int = -1) -> bytes:
+        while not self.done and (size < 0 or len(self.buffer) < size):
+            self._inflate_some()
+        size = len(self.buffer) if size < 0 else min(size, len(self.buffer))
+        data = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        self.delivered += size
+        return data
+
+    def tell(self) -> int:  # fastwarc asks
+        return self.delivered
+
+    def _inflate_some(self) -> None:
+        if not self.pending:
+            self.pending = self.fh.read(_READ_BYTES)
+            if not self.pending:
+                if self.inflate is not None:
+                    self.held += self.inflate.flush()
+                    self.buffer += self.held  # a cut member: its record is rejected as truncated, under its own id
+                    if not self.inflate.eof:
+                        self._stop("the file ends inside a gzip member", truncated=True)
+                self.done = True
+                return
+        if self.inflate is None:
+            data = self.pending.lstrip(b"\0")  # zeros may pad a gzip file after a member
+            self.pos += len(self.pending) - len(data)
+            self.pending = data
+            if not data:
+                return
+            self.inflate, self.member_at = zlib.decompressobj(wbits=31), self.pos
+            self.starts_made.append(self.made)
+            self.starts_at.append(self.pos)
+        try:
+            data = self.inflate.decompress(self.pending, _INFLATE_BYTES)
+        except zlib.error as e:  # its checksum too: what the member made so far is not passed on
+            self.held.clear()
+            self._stop(f"not gzip data: {e}")
+            return
+        self.held += data
+        self.made += len(data)
+        if self.inflate.eof:
+            rest, self.inflate = self.inflate.unused_data, None
+        else:
+            rest = self.inflate.unconsumed_tail
+        if self.inflate is None or len(self.held) > _HOLD_BYTES:
+            self.buffer += self.held
+            self.held.clear()
+        self.pos += len(self.pending) - len(rest)
+        self.pending = rest
+
+    def _stop(self, problem: str, truncated: bool = False) -> None:
+        self.problem, self.bad_at, self.truncated, self.done = problem, self.member_at, truncated, True
+
+    def describe(self) -> str:
+        if self.truncated:
+            return f"the file ends inside the gzip member that starts at byte {self.bad_at:,}"
+        return f"the gzip member at byte {self.bad_at:,} cannot be read ({self.problem})"
+
+    def member_after(self, decompressed: Optional[int]) -> int:
+        """The compressed offset of the first member that starts after decompressed offset ``decompressed``
+        (None: the first member)."""
+        k = 0 if decompressed is None else bisect.bisect_right(self.starts_made, decompressed)
+        return self.starts_at[k] if k < len(self.starts_at) else self.pos
+
+
+def _next_warc_member(fh, start: int) -> Optional[int]:
+    """The offset of the first gzip member at or after ``start`` whose data begins a WARC record."""
+    tail = b""
+    pos = start
+    while True:
+        fh.seek(pos)
+        chunk = fh.read(_READ_BYTES)
+        if not chunk:
+            return None
+        block, base = tail + chunk, pos - len(tail)
+        at = block.find(GZIP_MAGIC)
+        while at >= 0:
+            fh.seek(base + at)
+            try:
+                if zlib.decompressobj(wbits=31).decompress(fh.read(4096), 5) == b"WARC/":
+                    return base + at
+            except zlib.error:
+                pass
+            at = block.find(GZIP_MAGIC, at + 1)
+        tail, pos = block[-(len(GZIP_MAGIC) - 1):], pos + len(chunk)
+
+
+class _Salvaged:
+    """A plain, bz2 or xz file read so that an error keeps what came before it; ``problem`` says what stopped it.
+
+    (A buffered read that meets bad data partway drops everything it had read.) ``bad_at`` counts
+    decompressed bytes.
+    """
+
+    def __init__(self, fh):
+        self.fh = fh
+        self.bad_at = 0
+        self.done = False
+        self.problem: Optional[str] = None
+        self.truncated = False
+        self.claimed = False
+
+    def read(self, size: int = -1) -> bytes:
+        out = bytearray()
+        while not self.done and (size < 0 or len(out) < size):
+            try:
+                chunk = self.fh.read1(_READ_BYTES if size < 0 else size - len(out))
+            except (OSError, EOFError, ValueError) as e:
+                self.problem, self.truncated, self.done = f"{type(e).__name__}: {e}", isinstance(e, EOFError), True
+                break
+            if not chunk:
+                self.done = True
+            out += chunk
+        self.bad_at += len(out)
+        return bytes(out)
+
+    def tell(self) -> int:  # fastwarc asks
+        return self.bad_at
+
+    def describe(self) -> str:
+        return f"{self.problem} after {self.bad_at:,} bytes of decompressed data"
+
+
+def _too_large(record: Record, size: int, limit: int) -> Record:
+    """Rejected unread, so one huge page costs no time or memory; ``html`` keeps at most its first bytes."""
+    return _failed(record, "too_large", f"{size:,} bytes, more than filter.max_document_bytes = {limit:,}; "
+                                        f"the rejected row keeps the first {RAW_HEAD_BYTES:,}")
 
 
 def _failed(record: Record, reason: str, detail: str) -> Record:
@@ -160,26 +405,51 @@ def _failed(record: Record, reason: str, detail: str) -> Record:
     return record
 
 
-def read_html(source: str, path: str, name: str, url: Optional[str] = None) -> Iterator[Record]:
+def read_html(source: str, path: str, name: str, url: Optional[str] = None,
+              max_bytes: Optional[int] = None) -> Iterator[Record]:
     record = Record(source, path, name, url=url, content_type="text/html")
     try:
         with open_binary(path) as fh:
-            record.html = fh.read()
+            record.html = fh.read(-1 if max_bytes is None else max_bytes + 1)
+            size = len(record.html) + (_count_rest(fh) if max_bytes is not None and len(record.html) > max_bytes else 0)
     except (OSError, EOFError) as e:
         yield _failed(record, "corrupt", f"{type(e).__name__}: {e}")
         return
-    yield _failed(record, "empty_file", "0 bytes") if not record.html.strip() else record
+    if max_bytes is not None and size > max_bytes:
+        record.html = record.html[:RAW_HEAD_BYTES]
+        yield _too_large(record, size, max_bytes)
+    else:
+        yield _failed(record, "empty_file", "0 bytes") if not record.html.strip() else record
+
+
+def _count_rest(fh, line: bool = False) -> int:
+    """Read to the end of the file (or of the line, newline excluded) keeping nothing; the bytes passed."""
+    n = 0
+    while True:
+        chunk = fh.readline(_READ_BYTES) if line else fh.read(_READ_BYTES)
+        if line and chunk.endswith(b"\n"):
+            return n + len(chunk.rstrip(b"\r\n"))
+        if not chunk:
+            return n
+        n += len(chunk)
 
 
 def read_jsonl(source: str, path: str, text_field: str, html_field: str, url_field: str,
-               date_field: str) -> Iterator[Record]:
+               date_field: str, max_bytes: Optional[int] = None) -> Iterator[Record]:
     lineno = 0
     try:
         with open_binary(path) as fh:
-            for lineno, line in enumerate(fh, 1):
+            # readline with a limit: one huge line is never held whole, nor parsed
+            while line := fh.readline(-1 if max_bytes is None else max_bytes + 1):
+                lineno += 1
                 if not line.strip():
                     continue
                 record = Record(source, path, f"line {lineno}")
+                if max_bytes is not None and len(line.rstrip(b"\r\n")) > max_bytes:
+                    size = len(line.rstrip(b"\r\n")) + (0 if line.endswith(b"\n") else _count_rest(fh, line=True))
+                    record.html = line[:RAW_HEAD_BYTES]
+                    yield _too_large(record, size, max_bytes)
+                    continue
                 try:
                     data = json.loads(line)
                 except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -213,7 +483,7 @@ def _from_fields(record: Record, data: dict, text_field: str, html_field: str, u
 
 
 def read_parquet(source: str, path: str, text_field: str, html_field: str, url_field: str,
-                 date_field: str) -> Iterator[Record]:
+                 date_field: str, max_bytes: Optional[int] = None) -> Iterator[Record]:
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid and friends
@@ -224,8 +494,39 @@ def read_parquet(source: str, path: str, text_field: str, html_field: str, url_f
                        f"(columns: {', '.join(pf.schema_arrow.names)})")
     row = 0
     for batch in pf.iter_batches(batch_size=1000, columns=wanted):
-        for data in batch.to_pylist():
-            yield _from_fields(Record(source, path, f"row {row}"), data, text_field, html_field, url_field, date_field)
+        sizes = _document_bytes(batch, text_field, html_field) if max_bytes is not None else None
+        if sizes is not None:
+            batch = _without_values(batch, (text_field, html_field), pc.greater(sizes, max_bytes))
+            sizes = sizes.to_pylist()
+        for k, data in enumerate(batch.to_pylist()):
+            record = _from_fields(Record(source, path, f"row {row}"), data, text_field, html_field, url_field,
+                                  date_field)
+            yield _too_large(record, sizes[k], max_bytes) if sizes is not None and sizes[k] > max_bytes else record
             row += 1
     if row == 0:
         yield _failed(Record(source, path, "row 0"), "empty_file", "no rows")
+
+
+def _document_bytes(batch: pa.RecordBatch, text_field: str, html_field: str) -> Optional[pa.Array]:
+    """Bytes of each row's document: its text, or its html where the text is null (None: neither is a string)."""
+    sizes = None
+    for name in (html_field, text_field):  # the text wins where it is there, as in _from_fields
+        if name in batch.schema.names and _stringlike(batch.schema.field(name).type):
+            column = batch.column(name)
+            length = pc.binary_length(column)
+            sizes = length if sizes is None else pc.if_else(pc.is_valid(column), length, sizes)
+    return None if sizes is None else pc.fill_null(sizes, 0)
+
+
+def _stringlike(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind) or \
+        pa.types.is_large_binary(kind)
+
+
+def _without_values(batch: pa.RecordBatch, names, where: pa.Array) -> pa.RecordBatch:
+    """``batch`` with the columns ``names`` null in the rows ``where`` is true: oversized values never become Python."""
+    if not pc.any(where).as_py():
+        return batch
+    columns = [pc.if_else(where, pa.nulls(len(batch), column.type), column) if name in names else column
+               for name, column in zip(batch.schema.names, batch.columns)]
+    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)

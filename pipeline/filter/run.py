@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from pipeline.data.sources import resolve_files
+from pipeline.data.workers import WorkerPool
 from pipeline.errors import BadInput, check, choice
 from pipeline.filter.records import Record, file_format, read_html, read_jsonl, read_parquet, read_warc
 from pipeline.filter.steps import STEPS, Doc, Drop, Step, StepsSpec, build_steps, first_drop, metric_names
@@ -132,13 +132,13 @@ def plan_tasks(files: List[InputFile], num_proc: int) -> List[List[InputFile]]:
     return tasks
 
 
-def read_file(f: InputFile, spec: CrawlSource) -> Iterator[Record]:
+def read_file(f: InputFile, spec: CrawlSource, max_bytes: Optional[int] = None) -> Iterator[Record]:
     if f.format == "warc":
-        return read_warc(f.source, f.path)
+        return read_warc(f.source, f.path, max_bytes)
     if f.format == "html":
-        return read_html(f.source, f.path, f.rel, f.url)
+        return read_html(f.source, f.path, f.rel, f.url, max_bytes)
     fields = (spec.text_field, spec.html_field, spec.url_field, spec.date_field)
-    return (read_jsonl if f.format == "jsonl" else read_parquet)(f.source, f.path, *fields)
+    return (read_jsonl if f.format == "jsonl" else read_parquet)(f.source, f.path, *fields, max_bytes)
 
 
 def doc_id(f: InputFile, record: Record) -> str:
@@ -212,7 +212,7 @@ def run_task(args: tuple[int, List[InputFile]]) -> dict:
              "pii": Counter(), "toxic": Counter(), "bytes_in": 0, "chars_kept": 0, "samples": defaultdict(list)}
     for f in files:
         stats["bytes_in"] += f.size
-        for record in read_file(f, _STATE["sources"][f.source]):
+        for record in read_file(f, _STATE["sources"][f.source], _STATE["max_bytes"]):
             doc = Doc(record)
             drop = first_drop(steps, doc)
             stats["input"][f.source] += 1
@@ -245,7 +245,7 @@ def run_filter(sources: Dict[str, CrawlSource], steps: StepsSpec, out_dir: Path,
     built = build_steps(steps)  # here, once: a bad word list or a broken package fails before any work
     # Forked workers inherit the built steps (the language model and word lists are loaded once).
     _STATE.update(steps=built, sources=sources, out_dir=Path(out_dir), samples=samples_per_rule,
-                  schemas=schemas(metric_names(built)))
+                  schemas=schemas(metric_names(built)), max_bytes=steps.max_document_bytes)
     results: Dict[int, dict] = {}
     bar = tqdm(total=len(files), desc="Filtering", unit="file")
     if num_proc <= 1 or len(tasks) == 1:
@@ -253,7 +253,7 @@ def run_filter(sources: Dict[str, CrawlSource], steps: StepsSpec, out_dir: Path,
             results[index] = run_task((index, task))
             bar.update(len(task))
     else:
-        with multiprocessing.get_context("fork").Pool(min(num_proc, len(tasks))) as pool:
+        with WorkerPool(min(num_proc, len(tasks))) as pool:
             sizes = {index: len(task) for index, task in tasks}
             done = pool.imap_unordered(_indexed, tasks)
             for index, stats in done:

@@ -45,6 +45,9 @@ class ToxicitySpec:
 class StepsSpec:
     """Every step's settings; build_steps gives the order the steps run in."""
 
+    # read: a larger record (WARC record block, HTML file, JSONL line, Parquet text/html value) is rejected
+    # as read.too_large before it is decoded or extracted; null: no limit
+    max_document_bytes: Optional[int] = 5 * 2**20
     urls: UrlSpec = field(default_factory=UrlSpec)
     extract: ExtractSpec = field(default_factory=ExtractSpec)
     langid: LangIdSpec = field(default_factory=LangIdSpec)
@@ -52,6 +55,10 @@ class StepsSpec:
     c4: C4Spec = field(default_factory=C4Spec)
     pii: PiiSpec = field(default_factory=PiiSpec)
     toxicity: ToxicitySpec = field(default_factory=ToxicitySpec)
+
+    def __post_init__(self):
+        check(self.max_document_bytes is None or self.max_document_bytes >= 1, "max_document_bytes",
+              self.max_document_bytes, "at least 1 or null")
 
 
 @dataclass

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.filter.records import read_html, read_jsonl, read_parquet, read_warc
 
@@ -38,7 +41,7 @@ def test_a_truncated_warc_keeps_what_came_before_and_rejects_the_broken_record(t
     cut = tmp_path / "cut.warc.gz"
     cut.write_bytes((data_dir / "crawl/warc/dolma/sample-0000.warc.gz").read_bytes()[:100_000])
     records = list(read_warc("w", str(cut)))
-    assert records[-1].error == "truncated" and "rest of the file" in records[-1].error_detail
+    assert records[-1].error == "truncated" and "the file ends" in records[-1].error_detail
     good = records[:-1]
     assert 0 < len(good) < len(whole) and all(r.error is None for r in good)
     assert [r.record_id for r in good] == [r.record_id for r in whole[:len(good)]]
@@ -93,3 +96,87 @@ def test_chunk_extensions_are_read_and_a_cut_chunked_body_is_a_bad_record(tmp_pa
     ok, cut = read_warc("w", str(path))
     assert (ok.error, ok.html, ok.charset) == (None, b"<p>hi you.", "utf-8")
     assert cut.error == "bad_http" and cut.record_id == "<urn:uuid:2>"
+
+
+WARC_24 = "crawl/warc/dolma/sample-0000.warc.gz"  # 22 responses + 2 resources: 24 documents
+
+
+def _gzip_members(data: bytes) -> list[int]:
+    """The offset of each gzip member in ``data``; a WARC writer gives every record its own."""
+    starts, pos = [], 0
+    while pos < len(data):
+        starts.append(pos)
+        inflate = zlib.decompressobj(wbits=31)
+        inflate.decompress(data[pos:])
+        pos = len(data) - len(inflate.unused_data)
+    return starts
+
+
+def _content(records) -> list[tuple]:
+    return [(r.record_id, r.url, r.date, r.html, r.text, r.error) for r in records]
+
+
+@pytest.mark.parametrize("where", ["appended", "between two records"])
+def test_junk_in_a_warc_gz_loses_no_record_and_is_one_rejection_at_its_offset(tmp_path, data_dir, where):
+    data = (data_dir / WARC_24).read_bytes()
+    whole = list(read_warc("w", str(data_dir / WARC_24)))
+    assert len(whole) == 24 and not any(r.error for r in whole)
+    junk = b"\xff" + np.random.default_rng(0).bytes(4095)
+    at = len(data) if where == "appended" else _gzip_members(data)[20]
+    damaged = tmp_path / "damaged.warc.gz"
+    damaged.write_bytes(data[:at] + junk + data[at:])
+
+    records = list(read_warc("w", str(damaged)))
+    assert _content([r for r in records if not r.error]) == _content(whole), "every intact record, unchanged"
+    (bad,) = [r for r in records if r.error]
+    assert bad.error == "corrupt" and bad.record_id == f"offset {at}" and bad.html == junk
+    assert f"4,096 bytes from byte {at:,}" in bad.error_detail
+
+
+def test_a_record_whose_gzip_member_is_damaged_is_rejected_not_read_as_good(tmp_path, data_dir):
+    data = (data_dir / WARC_24).read_bytes()
+    whole = list(read_warc("w", str(data_dir / WARC_24)))
+    members = _gzip_members(data)
+    start, end = members[20], members[21]
+    block = zlib.decompressobj(wbits=31).decompress(data[start:end])
+    victim = next(line.split(b": ")[1].decode() for line in block.split(b"\r\n") if line.startswith(b"WARC-Record-ID"))
+    middle = (start + end) // 2
+    damaged = tmp_path / "damaged.warc.gz"
+    damaged.write_bytes(data[:middle] + bytes(200) + data[middle + 200:])
+
+    records = list(read_warc("w", str(damaged)))
+    assert _content([r for r in records if not r.error]) == _content([r for r in whole if r.record_id != victim])
+    (bad,) = [r for r in records if r.error]
+    assert bad.error == "corrupt" and bad.record_id == f"offset {start}" and f"at byte {end:,}" in bad.error_detail
+
+
+def test_documents_over_the_byte_limit_are_rejected_unread(tmp_path):
+    limit, big = 1000, b"<p>" + b"word " * 400 + b"</p>"
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+    warc = tmp_path / "pages.warc"
+    warc.write_bytes(_response(head + big, 1) + _response(head + b"<p>small</p>", 2))
+    records = list(read_warc("w", str(warc), max_bytes=limit))
+    assert [(r.record_id, r.error) for r in records] == [("<urn:uuid:1>", "too_large"), ("<urn:uuid:2>", None)]
+    assert f"{len(head + big):,} bytes, more than filter.max_document_bytes = 1,000" in records[0].error_detail
+
+    page = tmp_path / "page.html.gz"
+    page.write_bytes(gzip.compress(big))
+    (record,) = read_html("h", str(page), "page.html.gz", max_bytes=limit)
+    assert record.error == "too_large" and f"{len(big):,} bytes" in record.error_detail
+    assert [r.error for r in read_html("h", str(page), "page.html.gz", max_bytes=len(big))] == [None]
+
+    lines = tmp_path / "docs.jsonl"
+    lines.write_text(json.dumps({"text": "small"}) + "\n" + json.dumps({"text": "x" * 5000}) + "\n" +
+                     json.dumps({"text": "last"}))
+    records = list(read_jsonl("j", str(lines), "text", "html", "url", "date", max_bytes=limit))
+    assert [(r.record_id, r.error, r.text) for r in records] == \
+        [("line 1", None, "small"), ("line 2", "too_large", None), ("line 3", None, "last")]
+    assert records[1].error_detail.startswith("5,012 bytes, more than") and len(records[1].html) <= limit + 1
+
+    table = tmp_path / "pages.parquet"
+    pq.write_table(pa.table({"text": [None, "y" * 3000, "ok"], "html": ["<p>" + "z" * 3000 + "</p>", None, None]}),
+                   table)
+    records = list(read_parquet("p", str(table), "text", "html", "url", "date", max_bytes=limit))
+    assert [r.error for r in records] == ["too_large", "too_large", None] and records[2].text == "ok"
+    assert [r.error_detail.split(" bytes")[0] for r in records[:2]] == ["3,007", "3,000"]
+    assert records[0].html is None and records[1].text is None, "an oversized value is never read into Python"

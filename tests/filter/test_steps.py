@@ -154,3 +154,9 @@ def test_the_specs_are_structured_configs():
     assert spec.extract.engine is Engine.trafilatura and spec.gopher.max_top_ngram_char_fraction[2] == 0.2
     source = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CrawlSource), {"path": "a", "format": "html"}))
     assert source.format is Format.html
+
+
+def test_the_document_byte_limit_is_checked():
+    with pytest.raises(ConfigError, match="max_document_bytes"):
+        StepsSpec(max_document_bytes=0)
+    assert StepsSpec(max_document_bytes=None).max_document_bytes is None
