@@ -32,6 +32,19 @@ def dedup_metrics(stats: dict) -> dict[str, float]:
     return metrics
 
 
+def dedup_warnings(stats: dict) -> list[str]:
+    """A line when no document was kept, with the levels that removed the most (or saying the input was
+    empty): the stages downstream refuse an empty corpus, and this stage can say why it is empty."""
+    if stats["kept"]:
+        return []
+    if not stats["input"]:
+        return ["kept 0 of 0 documents: its input is empty (see the upstream stage's manifest); "
+                "downstream stages will refuse it"]
+    top = ", ".join(f"{lv} {n}" for lv, n in sorted(stats["removed"].items(), key=lambda ln: -ln[1])[:3] if n)
+    return [f"kept 0 of {stats['input']} documents ({top}): the corpus is empty; "
+            f"downstream stages will refuse it"]
+
+
 def dedup_counts(stats: dict) -> dict:
     """The manifest's counts: input = kept + removed, removals per level, cluster sizes, index figures."""
     counts = {"input": stats["input"], "kept": stats["kept"], "removed": sum(stats["removed"].values()),

@@ -23,6 +23,17 @@ def filter_metrics(stats: dict) -> dict[str, float]:
             **{f"filter/left_after/{step}": n for step, n in stats["funnel"][1:]}}
 
 
+def filter_warnings(stats: dict) -> list[str]:
+    """A line when no document was kept, with the rules that rejected the most: the stages downstream refuse
+    an empty corpus, and this is the stage that can say why it is empty."""
+    n_in = sum(s["input"] for s in stats["per_source"].values())
+    if sum(s["kept"] for s in stats["per_source"].values()):
+        return []
+    top = ", ".join(f"{rule} {n}" for rule, n in sorted(stats["rules"].items(), key=lambda rn: -rn[1])[:3])
+    return [f"kept 0 of {n_in} documents{f' ({top})' if top else ''}: the corpus is empty and "
+            f"downstream stages will refuse it; {OUTPUTS['rejected_samples']} shows why"]
+
+
 def filter_counts(stats: dict) -> dict:
     """The manifest's counts: kept + rejected = input, overall and per source."""
     n_in = sum(s["input"] for s in stats["per_source"].values())

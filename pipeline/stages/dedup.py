@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pipeline.contract import StageConfig, StageContext, StageResult
 from pipeline.dedup.io import eval_texts, read_input, write_parts
-from pipeline.dedup.report import dedup_counts, dedup_metrics, near_eval, write_dedup_reports
+from pipeline.dedup.report import dedup_counts, dedup_metrics, dedup_warnings, near_eval, write_dedup_reports
 from pipeline.dedup.run import deduplicate
 
 SECTIONS = ("dedup",)
@@ -30,4 +30,5 @@ def run(cfg: StageConfig, ctx: StageContext) -> StageResult:
         ctx.run.log_metrics(evaluation.metrics)
         counts["near_eval"] = evaluation.summary
         outputs.update(near_eval="near_eval.json", near_detection_plot="near_detection.png")
-    return StageResult(counts=counts, metrics=dedup_metrics(result.stats), outputs=outputs)
+    return StageResult(counts=counts, metrics=dedup_metrics(result.stats), outputs=outputs,
+                       warnings=dedup_warnings(result.stats))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pipeline.contract import StageConfig, StageContext, StageResult
-from pipeline.filter.report import OUTPUTS, filter_counts, filter_metrics, write_filter_reports
+from pipeline.filter.report import OUTPUTS, filter_counts, filter_metrics, filter_warnings, write_filter_reports
 from pipeline.filter.run import run_filter
 
 SECTIONS = ("filter",)
@@ -17,4 +17,5 @@ def run(cfg: StageConfig, ctx: StageContext) -> StageResult:
     stats = run_filter(f.sources, f, ctx.build_dir, num_proc=f.num_proc, samples_per_rule=f.samples_per_rule)
     for path in write_filter_reports(stats, ctx.build_dir):
         ctx.run.log_artifact(path)
-    return StageResult(counts=filter_counts(stats), metrics=filter_metrics(stats), outputs=OUTPUTS)
+    return StageResult(counts=filter_counts(stats), metrics=filter_metrics(stats), outputs=OUTPUTS,
+                       warnings=filter_warnings(stats))

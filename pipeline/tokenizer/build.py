@@ -118,6 +118,26 @@ def load_tokenizer_file(path: str, special_tokens: list[str]) -> Tokenizer:
     return tokenizer
 
 
+def requested_vocab_size(spec: TokenizerSpec) -> Optional[int]:
+    """The vocabulary size ``spec`` asks for: tokenizer.vocab_size for BPE; None for bytes and file, which ignore it."""
+    return spec.vocab_size if spec.kind is TokenizerKind.bpe else None
+
+
+def vocab_shortfall(spec: TokenizerSpec, tokenizer: Tokenizer) -> Optional[str]:
+    """Why a trained BPE vocabulary is smaller than tokenizer.vocab_size, or None when it is not.
+
+    BPE stops merging when no pair of tokens occurs min_frequency times any more, so a small corpus
+    yields fewer tokens than asked for; the model's embedding follows the tokens there are.
+    """
+    requested, got = requested_vocab_size(spec), tokenizer.get_vocab_size()
+    if requested is None or got >= requested:
+        return None
+    n_special = len(spec.special_tokens.all())
+    return (f"tokenizer.vocab_size={requested} asked, got {got} tokens (256 bytes + {n_special} special + "
+            f"{got - 256 - n_special} merges): the training split has too few distinct pairs occurring at least "
+            f"tokenizer.min_frequency={spec.min_frequency} times; add text or lower tokenizer.vocab_size")
+
+
 def build_tokenizer(spec: TokenizerSpec, train_texts: Iterable[str], length: Optional[int] = None) -> Tokenizer:
     specials = spec.special_tokens.all()
     if spec.kind is TokenizerKind.bpe:

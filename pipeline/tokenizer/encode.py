@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 import datasets
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -18,7 +19,7 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from pipeline.data.shards import ShardWriter, open_shards, token_dtype
-from pipeline.data.sources import SourceSpec, load_documents
+from pipeline.data.sources import SourceSpec, infer_format, load_documents, resolve_files
 from pipeline.errors import BadInput, check
 from pipeline.tokenizer.build import vocab_bound
 
@@ -65,12 +66,74 @@ def interleave(docs: datasets.Dataset, seed: int) -> datasets.Dataset:
     return docs.shuffle(seed=seed).flatten_indices()
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it (outputs/demo/...), else absolute."""
+    path = Path(path).absolute()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def _holds_text(files: list[str], fmt: str) -> bool:
+    """Whether any of ``files`` has a row (Parquet) or a non-blank character (JSON, text); reads only until it
+    finds one, because datasets fails on such files with an error that does not say they are empty."""
+    for path in files:
+        if fmt == "parquet":
+            try:
+                if pq.read_metadata(path).num_rows:
+                    return True
+            except (pa.ArrowException, OSError):
+                return True  # unreadable, not empty: datasets names the problem
+            continue
+        try:
+            with fsspec.open(path, "rt", compression="infer", encoding="utf-8", errors="replace") as fh:
+                while chunk := fh.read(1 << 16):
+                    if not chunk.isspace():
+                        return True
+        except (OSError, EOFError):
+            return True
+    return False
+
+
+def refuse_empty_sources(sources: Mapping[str, SourceSpec], upstream: Mapping[str, tuple[Path, Mapping]],
+                         key: str) -> None:
+    """Refuse, before datasets reads anything, a source with no documents: an upstream stage whose manifest says
+    it kept none, or files without text. ``upstream`` maps a stage to its manifest's path and content; ``key``
+    is the config section (``tokenize``) the messages name."""
+    for name, spec in sources.items():
+        where = f"{key}.sources.{name}"
+        if spec.stage is not None:
+            path, manifest = upstream[spec.stage]
+            counts = manifest.get("counts", {})
+            if counts.get("kept") == 0:
+                reasons = counts.get("rejected_by_rule") or counts.get("removed_by_level") or {}
+                top = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items(), key=lambda rn: -rn[1])[:3] if n)
+                top = top or ("its own input was empty" if counts.get("input") == 0 else "")
+                raise BadInput(f"{where}: the {spec.stage} stage kept 0 of {counts.get('input', '?')} documents"
+                               f"{f' ({top})' if top else ''}, so there is nothing to tokenize; see {_shown(path)}")
+            continue
+        files = resolve_files(name, spec.path)
+        if not _holds_text(files, spec.format or infer_format(name, files)):
+            raise BadInput(f"{where}: {spec.path} holds no documents ({len(files)} file(s), all empty)")
+
+
+def _refuse_blank_sources(docs: datasets.Dataset, sources: Mapping[str, SourceSpec], key: str) -> None:
+    """A source whose every document is blank is a mistake (wrong field, wrong files): name it."""
+    table = docs.data if docs._indices is None else docs.flatten_indices().data
+    source, split = table.column("source").to_numpy(), table.column("split").to_numpy()
+    for index, (name, spec) in enumerate(sources.items()):
+        mine = source == index
+        if not np.any(split[mine] != EMPTY):
+            raise BadInput(f"{key}.sources.{name}: all {int(mine.sum())} documents of {spec.path} are blank, "
+                           f"so there is nothing to tokenize")
+
+
 def split_documents(sources: Mapping[str, SourceSpec], val_fraction: float, seed: int, num_proc: int,
-                    cache_dir: Path) -> tuple[datasets.Dataset, int]:
+                    cache_dir: Path, key: str = "tokenize") -> tuple[datasets.Dataset, int]:
     """The sources' documents with their split, interleaved in a seeded order, and the number of training ones;
-    a corpus with no training document, or an empty validation split where one is asked for, is refused."""
+    a source whose documents are all blank, a corpus with no training document, or an empty validation split
+    where one is asked for, is refused (check for empty files first: refuse_empty_sources)."""
     docs = assign_splits(load_documents(sources, cache_dir=str(cache_dir)), val_fraction=val_fraction, seed=seed,
                          num_proc=num_proc)
+    _refuse_blank_sources(docs, sources, key)
     docs = interleave(docs, seed=seed)
     codes = docs.data.column("split").to_numpy()
     n_train, n_val = int(np.count_nonzero(codes == TRAIN)), int(np.count_nonzero(codes == VAL))
@@ -254,8 +317,10 @@ def encode_sources(sources: Mapping[str, SourceSpec], tokenizer: Tokenizer, eos_
     splits into ``out_dir`` (created); ``key`` is the config section named in error messages."""
     if not sources:
         raise BadInput(f"{key}.sources is empty: name a corpus, e.g. +{key}.sources.NAME.path=<file>")
+    refuse_empty_sources(sources, {}, key)
     docs = assign_splits(load_documents(dict(sources), cache_dir=str(cache_dir)), val_fraction=val_fraction,
                          seed=seed, num_proc=spec.num_proc)
+    _refuse_blank_sources(docs, sources, key)
     Path(out_dir).mkdir()
     corpus = encode_corpus(docs, list(sources), tokenizer, eos_id, out_dir, spec)
     if not corpus.totals()["val"]["tokens"]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 from tokenizers import Tokenizer
 
@@ -17,11 +18,15 @@ def per_source(corpus: EncodedCorpus, names: list[str]) -> dict:
             for i, name in enumerate(names)}
 
 
-def tokenize_metrics(corpus: EncodedCorpus, tokenizer: Tokenizer, tokenizer_s: float) -> dict:
+def tokenize_metrics(corpus: EncodedCorpus, tokenizer: Tokenizer, tokenizer_s: float,
+                     requested_vocab_size: Optional[int] = None) -> dict:
+    """``requested_vocab_size``: what tokenizer.vocab_size asked of BPE (logged beside the size it got), or None."""
     totals, encode_s = corpus.totals(), corpus.encode_seconds
     total_bytes = totals["train"]["bytes"] + totals["val"]["bytes"]
+    requested = {} if requested_vocab_size is None else {"tokenize/vocab_size_requested": requested_vocab_size}
     return {
         "tokenize/vocab_size": tokenizer.get_vocab_size(),
+        **requested,
         "tokenize/train_tokens": totals["train"]["tokens"],
         "tokenize/val_tokens": totals["val"]["tokens"],
         "tokenize/train_documents": totals["train"]["documents"],
@@ -35,8 +40,11 @@ def tokenize_metrics(corpus: EncodedCorpus, tokenizer: Tokenizer, tokenizer_s: f
     }
 
 
-def tokenize_counts(corpus: EncodedCorpus, names: list[str], documents_in: int) -> dict:
-    return {"documents_in": documents_in, **corpus.totals(), "per_source": per_source(corpus, names)}
+def tokenize_counts(corpus: EncodedCorpus, names: list[str], documents_in: int, tokenizer: Tokenizer,
+                    requested_vocab_size: Optional[int] = None) -> dict:
+    """Documents and tokens per split and source; the vocabulary asked for and got."""
+    return {"documents_in": documents_in, **corpus.totals(), "per_source": per_source(corpus, names),
+            "vocab_size": {"requested": requested_vocab_size, "actual": tokenizer.get_vocab_size()}}
 
 
 def tokenize_outputs(corpus: EncodedCorpus, tokenizer: Tokenizer, eos_id: int, special: SpecialTokens) -> dict:

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.contract import MANIFEST, execute_stage, read_upstream
 from pipeline.dedup.evaluate import edit_words
+from pipeline.errors import BadInput
 from pipeline.stages import load_stage
 from tests.conftest import mlflow_runs, run_cli
 
@@ -79,6 +80,26 @@ def test_dedup_reads_the_filter_output_and_tokenize_reads_dedup(make_cfg, data_d
     assert tokenized["counts"]["per_source"]["web"]["train"]["documents"] + \
         tokenized["counts"]["per_source"]["web"]["val"]["documents"] == deduped["counts"]["kept"]
     assert deduped["counts"]["near_eval"]["documents"] > deduped["counts"]["input"]  # the filter's rejects too
+
+
+@pytest.mark.slow
+def test_a_dedup_that_keeps_nothing_says_so_and_tokenize_refuses_its_output(make_cfg, tmp_path, tracking_uri,
+                                                                           experiment, capfd):
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("".join(json.dumps({"id": f"d{i}", "text": " \n" * i}) + "\n" for i in range(3)))
+    cfg = make_cfg("dedup.input.stage=null", f"dedup.input.path={blank}", "dedup.eval.enabled=false",
+                   "tokenize.sources.web.stage=dedup", "~tokenize.sources.web.path")
+    manifest = execute_stage("dedup", load_stage("dedup"), cfg)
+    c = manifest["counts"]
+    assert c["input"] == 3 and c["kept"] == 0 and c["removed_by_level"]["empty"] == 3
+    warning = "kept 0 of 3 documents (empty 3): the corpus is empty; downstream stages will refuse it"
+    assert manifest["warnings"] == [warning] and f"dedup: warning: {warning}\n" in capfd.readouterr().err
+    (run,) = mlflow_runs(tracking_uri, experiment)
+    assert run.data.tags["warnings"] == warning
+
+    with pytest.raises(BadInput, match=r"^tokenize\.sources\.web: the dedup stage kept 0 of 3 documents \(empty 3\), "
+                                       r"so there is nothing to tokenize; see .*/demo/dedup/manifest\.json$"):
+        execute_stage("tokenize", load_stage("tokenize"), cfg)
 
 
 @pytest.mark.slow

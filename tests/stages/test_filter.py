@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import PROJECT_ROOT
 from pipeline.contract import MANIFEST, execute_stage
+from pipeline.errors import BadInput
 from pipeline.filter.run import CrawlSource
 from pipeline.stages import load_stage
 from tests.conftest import mlflow_runs, run_cli
@@ -132,6 +133,28 @@ def test_tokenize_reads_the_filter_output(make_cfg, crawl):
     assert tokenized["counts"]["per_source"]["web"]["train"]["documents"] + \
         tokenized["counts"]["per_source"]["web"]["val"]["documents"] == filtered["counts"]["kept"]
     assert tokenized["inputs"]["filter"]["mlflow_run_id"] == filtered["mlflow_run_id"]
+
+
+@pytest.mark.slow
+def test_a_filter_that_keeps_nothing_says_so_and_tokenize_refuses_its_output(make_cfg, tracking_uri, experiment,
+                                                                            capfd):
+    cfg = make_cfg("~filter.sources.warc", "~filter.sources.html", "filter.langid.languages=[sw]",
+                   "tokenize.sources.web.stage=filter", "~tokenize.sources.web.path")
+    manifest = execute_stage("filter", load_stage("filter"), cfg)
+    c = manifest["counts"]
+    assert c["input"] == 20 and c["kept"] == 0 and c["rejected_by_rule"] == {"langid.language": 20}
+    warning = ("kept 0 of 20 documents (langid.language 20): the corpus is empty and downstream stages will "
+               "refuse it; rejected_samples.json shows why")
+    assert manifest["warnings"] == [warning] and f"filter: warning: {warning}\n" in capfd.readouterr().err
+    (run,) = mlflow_runs(tracking_uri, experiment)
+    assert run.data.tags["warnings"] == warning and run.data.metrics["filter/kept_documents"] == 0
+
+    out = Path(cfg.paths.outputs_dir) / "demo"
+    with pytest.raises(BadInput) as e:  # shakespeare has text; the web source is what is empty
+        execute_stage("tokenize", load_stage("tokenize"), cfg)
+    assert str(e.value) == (f"tokenize.sources.web: the filter stage kept 0 of 20 documents (langid.language 20), "
+                            f"so there is nothing to tokenize; see {out / 'filter' / MANIFEST}")
+    assert not (out / "tokenize").exists() and not (out / ".tokenize.partial" / "tokenizer.json").exists()
 
 
 def test_a_missing_input_path_fails_at_once_naming_it(tmp_path, tracking_uri):

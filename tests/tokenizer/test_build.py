@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.errors import BadInput
 from pipeline.tokenizer.build import (SpecialTokens, TokenizerKind, TokenizerSpec, build_tokenizer, byte_tokenizer,
-                                      load_tokenizer_file, train_bpe)
+                                      load_tokenizer_file, train_bpe, vocab_shortfall)
 from pipeline.tokenizer.encode import _Encoder
 
 PAGES = ["gmw", "hukumusume", "qq", "lemonde-1", "folha", "heise"]  # Chinese, Japanese, French, Portuguese, German
@@ -69,6 +69,20 @@ def test_special_token_strings_in_a_corpus_are_text_not_eos(bpe):
 def test_vocab_below_bytes_plus_specials_is_refused():
     with pytest.raises(BadInput, match="tokenizer.vocab_size=100 is below 265"):
         train_bpe(["abc"], vocab_size=100, min_frequency=1, special_tokens=SpecialTokens().all())
+
+
+def test_a_corpus_too_small_for_the_asked_vocabulary_is_reported(shakespeare, bpe):
+    spec = TokenizerSpec(vocab_size=50_000)
+    small = build_tokenizer(spec, shakespeare[:20])
+    got = small.get_vocab_size()
+    assert 265 < got < 50_000, "BPE stops when no pair is frequent enough"
+    assert vocab_shortfall(spec, small) == (
+        f"tokenizer.vocab_size=50000 asked, got {got} tokens (256 bytes + 9 special + {got - 265} merges): the "
+        f"training split has too few distinct pairs occurring at least tokenizer.min_frequency=2 times; add text "
+        f"or lower tokenizer.vocab_size")
+    assert vocab_shortfall(TokenizerSpec(vocab_size=600), bpe) is None, "the size asked for was reached"
+    assert vocab_shortfall(TokenizerSpec(kind=TokenizerKind.bytes, vocab_size=50_000),
+                           byte_tokenizer(SpecialTokens().all())) is None, "bytes ignores vocab_size"
 
 
 def test_tokenizer_file_is_loaded_and_checked(bpe, tmp_path):

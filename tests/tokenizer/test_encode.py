@@ -1,6 +1,7 @@
 """Encoding a corpus into token shards: held-out text, shards that decode to the documents, nothing left aside."""
 from __future__ import annotations
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer
@@ -8,7 +9,7 @@ from tokenizers import Tokenizer
 from pipeline.data.sources import SourceSpec
 from pipeline.errors import BadInput
 from pipeline.tokenizer.build import SpecialTokens, byte_tokenizer, token_id, vocab_bound
-from pipeline.tokenizer.encode import EncodeSpec, TokenShards, encode_sources
+from pipeline.tokenizer.encode import EncodeSpec, TokenShards, encode_sources, refuse_empty_sources
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +66,33 @@ def test_vocab_bound_counts_the_largest_id_not_the_tokens(tokenizer):
 def test_a_missing_token_names_the_tokenizer_and_the_setting(tokenizer):
     with pytest.raises(BadInput, match=r"tok\.json has no '<eot>' token \(tokenizer\.special_tokens\.eos\)"):
         token_id(tokenizer, "<eot>", "tok.json", "tokenizer.special_tokens.eos")
+
+
+def test_an_upstream_stage_that_kept_nothing_is_refused_naming_its_manifest(tmp_path):
+    sources = {"web": SourceSpec(stage="filter")}
+    manifest = {"counts": {"input": 37, "kept": 0, "rejected_by_rule": {"langid.language": 30, "gopher.min_words": 7}}}
+    with pytest.raises(BadInput) as e:
+        refuse_empty_sources(sources, {"filter": (tmp_path / "filter" / "manifest.json", manifest)}, "tokenize")
+    assert str(e.value) == (f"tokenize.sources.web: the filter stage kept 0 of 37 documents (langid.language 30, "
+                            f"gopher.min_words 7), so there is nothing to tokenize; see {tmp_path}/filter/manifest.json")
+    emptied = {"counts": {"input": 0, "kept": 0, "removed_by_level": {"empty": 0, "exact": 0}}}
+    with pytest.raises(BadInput, match=r"the dedup stage kept 0 of 0 documents \(its own input was empty\)"):
+        refuse_empty_sources({"web": SourceSpec(stage="dedup")}, {"dedup": (tmp_path / "m.json", emptied)}, "tokenize")
+    kept = {"counts": {"input": 37, "kept": 1}}
+    refuse_empty_sources(sources, {"filter": (tmp_path / "m.json", kept)}, "tokenize")
+
+
+def test_files_without_text_are_refused_before_datasets_reads_them(tokenizer, data_dir, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "blank.txt").write_text("\n  \n\n")
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "none.parquet")
+    for name in ("empty.jsonl", "blank.txt", "none.parquet"):
+        path = str(tmp_path / name)
+        with pytest.raises(BadInput, match=rf"^cpt\.sources\.b: {path} holds no documents \(1 file\(s\), all empty\)$"):
+            refuse_empty_sources({"a": peps(data_dir)["peps"], "b": SourceSpec(path=path)}, {}, "cpt")
+    (tmp_path / "blank.jsonl").write_text('{"text": ""}\n{"text": " \\n"}\n')
+    with pytest.raises(BadInput, match=rf"cpt\.sources\.blank: all 2 documents of {tmp_path}/blank\.jsonl are blank"):
+        encode_sources({**peps(data_dir, max_documents=30), "blank": SourceSpec(path=str(tmp_path / "blank.jsonl"))},
+                       tokenizer, 0, tmp_path / "out", val_fraction=0.2, seed=0, spec=EncodeSpec(),
+                       cache_dir=tmp_path / "cache", key="cpt")
+    assert not (tmp_path / "out").exists()
