@@ -5,6 +5,7 @@ User mistakes print as one line; HYDRA_FULL_ERROR=1 shows the traceback.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -38,6 +39,74 @@ def usage() -> str:
     ])
 
 
+def disk_full(error: BaseException, places: dict[str, str] | None = None) -> str | None:
+    """One line for an error caused by a full disk or quota (ENOSPC or EDQUOT anywhere in its chain of causes:
+    torch, Lightning and datasets wrap the OSError) naming the file, or None for any other error.
+
+    A write() that fails names no file; then the line gives the free space of ``places`` (config key -> directory),
+    so that a full one shows.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            what = f"{os.strerror(error.errno).lower()} ({errno.errorcode[error.errno]})"
+            # Of two paths (a copy or a rename: source, destination) the destination is the one written.
+            path = error.filename2 if error.filename2 is not None else error.filename
+            if path is not None:
+                return f"{what} writing {_shown(path)}: free space there and rerun"
+            filesystems = {}  # one place per filesystem
+            for key, place in (places or {}).items():
+                try:
+                    device = os.stat(_existing(place)).st_dev
+                    filesystems.setdefault(device, f"{key} {_shown(place)} has {_free(place)}")
+                except OSError:
+                    continue
+            return (f"{what} in a write that names no file" + "".join(f"; {f}" for f in filesystems.values())
+                    + ": free space and rerun")
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _shown(path) -> str:
+    """A path relative to the working directory when it is below it, else as it is."""
+    path = os.fsdecode(path)
+    relative = os.path.relpath(path) if os.path.isabs(path) else path
+    return path if relative.startswith("..") else relative
+
+
+def _existing(directory: str) -> Path:
+    """``directory`` or its nearest parent that exists."""
+    place = Path(directory).absolute()
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    return place
+
+
+def _free(directory: str) -> str:
+    """'992 KiB free of 1 MiB' for the filesystem that holds ``directory``."""
+    fs = os.statvfs(_existing(directory))
+
+    def size(n: float) -> str:
+        for unit in ("bytes", "KiB", "MiB", "GiB"):
+            if n < 1024:
+                return f"{n:.0f} {unit}"
+            n /= 1024
+        return f"{n:.0f} TiB"
+
+    return f"{size(fs.f_bavail * fs.f_frsize)} free of {size(fs.f_blocks * fs.f_frsize)}"
+
+
+def _places(cfg) -> dict[str, str]:
+    """The directories stages write to, by config key, for disk_full; none where the config cannot say."""
+    from omegaconf import OmegaConf
+
+    try:
+        return {f"paths.{key}": str(OmegaConf.select(cfg, f"paths.{key}")) for key in ("outputs_dir", "cache_dir")}
+    except Exception:  # noqa: BLE001 - an error message is being written: the original error matters more
+        return {}
+
+
 def _task(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.errors import CompactHydraException
@@ -47,6 +116,7 @@ def _task(cfg) -> None:
     from pipeline.contract import execute_stage
     from pipeline.errors import PipelineError
     from pipeline.stages import load_stage
+    from pipeline.sweep import JOB_CONFIG_ERROR_ENV
     from pipeline.tracking import PARENT_RUN_ENV
 
     hc = HydraConfig.get()
@@ -58,17 +128,21 @@ def _task(cfg) -> None:
         run_name = f"{stage}-{hc.job.num}"
         tags = {"overrides": hc.job.override_dirname, "sweep_job": str(hc.job.num),
                 "sweep_overrides": json.dumps(list(hc.overrides.task))}
+
+    class StageError(CompactHydraException):
+        pass
+
     try:
+        if os.environ.get(JOB_CONFIG_ERROR_ENV):  # a sweep job whose overrides did not compose: it fails alone
+            raise PipelineError(os.environ[JOB_CONFIG_ERROR_ENV])
         execute_stage(stage, load_stage(stage), load(cfg), out_dir=out_dir,
                       parent_run_id=os.environ.get(PARENT_RUN_ENV), run_name=run_name, extra_tags=tags)
-    except PipelineError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    except Exception as e:
+        # A full disk is named even where a stage reported it as an unreadable input (datasets' cache).
+        message = disk_full(e, _places(cfg)) or (str(e) if isinstance(e, PipelineError) else None)
+        if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-
-        class StageError(CompactHydraException):
-            pass
-
-        raise StageError(f"error: {stage}: {e}") from None
+        raise StageError(f"error: {stage}: {message}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

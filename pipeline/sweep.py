@@ -1,22 +1,64 @@
-"""Hydra callback: a multirun is one MLflow parent run, and each job's stage run is its child."""
+"""Hydra callback: a multirun is one MLflow parent run, and each job's stage run is its child; a job whose
+overrides do not compose fails alone."""
 from __future__ import annotations
 
 import atexit
+import copy
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, flag_override
+from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.tracking import PARENT_RUN_ENV, TrackingSettings, client_for, experiment_id
 from pipeline.tracking.sweep import sweep_status, varying
 
+# Set (through hydra.job.env_set) for a sweep job whose overrides do not compose; its task raises the message.
+JOB_CONFIG_ERROR_ENV = "PIPELINE_JOB_CONFIG_ERROR"
+
 
 def settings_from(cfg: DictConfig) -> TrackingSettings:
     return OmegaConf.to_object(cfg.tracking)
+
+
+def composition_error(error: Exception) -> str:
+    """One line naming the key: "config key 'pretrain.max_steps': Value 'abc' of type 'str' could not be ..."."""
+    cause = error if isinstance(error, OmegaConfBaseException) else error.__cause__
+    key = getattr(cause, "full_key", None)
+    if key and str(cause).strip():
+        return f"config key '{key}': {str(cause).strip().splitlines()[0]}"
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def jobs_fail_alone(config_loader) -> None:
+    """Make a sweep job whose overrides do not compose (a swept value of the wrong type, ``pretrain.max_steps=abc``)
+    fail on its own while the other jobs run.
+
+    Hydra composes every job's config before launching any (and again as it launches each), and one value that
+    fails to compose stopped the whole sweep. Here such a job gets the sweep's config with its own overrides and
+    the error in ``hydra.job.env_set``: the launcher starts it like any job, its task raises the error, and it is
+    reported like any failed job (on_job_end, sweep.json).
+    """
+    compose = config_loader.load_sweep_config
+
+    def load_sweep_config(master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        try:
+            return compose(master_config, sweep_overrides)
+        except (ConfigCompositionException, OmegaConfBaseException) as e:
+            job = copy.deepcopy(master_config)
+            OmegaConf.copy_cache(from_config=master_config, to_config=job)  # the same ${now:} as the other jobs
+            with flag_override(job, ["struct", "readonly"], [False, False]):
+                job.hydra.overrides.task = list(sweep_overrides)
+                job.hydra.job.env_set[JOB_CONFIG_ERROR_ENV] = composition_error(e)
+            return job
+
+    config_loader.load_sweep_config = load_sweep_config
 
 
 class SweepParentRun(Callback):
@@ -45,6 +87,7 @@ class SweepParentRun(Callback):
         self.run_id = run.info.run_id
         os.environ[PARENT_RUN_ENV] = self.run_id
         atexit.register(self.finish)
+        jobs_fail_alone(GlobalHydra.instance().config_loader())  # the loader the sweeper and launcher compose with
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self.finish()

@@ -6,6 +6,7 @@ report (fits.md) and the warnings that say when the runs do not determine the Ch
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -27,7 +28,12 @@ class ScalingFits:
     warnings: list[str] = field(init=False)  # why the Chinchilla law may not be determined (doubts)
 
     def __post_init__(self):
-        self.warnings = doubts(self.chinchilla, self.boot)
+        self.warnings = doubts(self.chinchilla, self.boot, [o.loss for o in self.obs])
+
+    @property
+    def optimum(self) -> bool:
+        """Whether a compute-optimal split is reported: a Chinchilla law that falls with both N and D, and budgets."""
+        return bool(self.chinchilla and self.chinchilla.has_compute_optimum and self.budgets)
 
     def metrics(self) -> dict[str, float]:
         metrics = {"scaling/runs": len(self.obs)}
@@ -36,7 +42,7 @@ class ScalingFits:
                             f"kaplan/{key}/alpha_published": KAPLAN_PUBLISHED[key]})
         if self.chinchilla:
             metrics.update({f"chinchilla/{k}": getattr(self.chinchilla, k) for k in ("E", "A", "B", "alpha", "beta")})
-            n_opt, d_opt = self.chinchilla.compute_optimal(self.budgets)
+            n_opt, d_opt = self.chinchilla.compute_optimal(self.budgets) if self.optimum else ([], [])
             for c, n_c, d_c in zip(self.budgets, n_opt, d_opt):
                 metrics.update({f"chinchilla/n_opt/{budget_label(c)}": float(n_c),
                                 f"chinchilla/d_opt/{budget_label(c)}": float(d_c)})
@@ -50,7 +56,7 @@ class ScalingFits:
         return metrics
 
     def counts(self) -> dict:
-        return {"warnings": self.warnings, "kaplan_skipped": self.skipped,
+        return {"kaplan_skipped": self.skipped,
                 "bootstrap_failed": self.boot.failed if self.boot else {}}
 
     def report(self) -> str:
@@ -77,12 +83,32 @@ def fit_laws(obs: Sequence[Observation], laws: Sequence[str], budgets: Sequence[
     return ScalingFits(obs, kaplan, skipped, chinchilla, budgets, boot, held, confidence)
 
 
-def doubts(chinchilla: Optional[ChinchillaLaw], boot: Optional[BootstrapResult]) -> list[str]:
+# A floor below 1% of every loss changes no fitted loss by more than the noise of a validation loss: E is then
+# not determined, only bounded above (the fit reads L = A/N^alpha + B/D^beta).
+FLOOR_NOT_DETERMINED = 0.01
+
+
+def floor_not_determined(chinchilla: ChinchillaLaw, losses: Sequence[float]) -> Optional[str]:
+    """Why the runs do not determine E, or None: the fitted floor ran to (nearly) zero."""
+    if not losses or chinchilla.log_E >= math.log(FLOOR_NOT_DETERMINED * min(losses)):
+        return None
+    return (f"E is not determined: the fitted floor ran to zero (E = {chinchilla.E:.3g}, log E = "
+            f"{chinchilla.log_E:.4g}, under {FLOOR_NOT_DETERMINED:.0%} of the lowest loss {min(losses):.4g}); "
+            "these runs still fall as a power law with no floor in sight, so A, B, alpha, beta and the "
+            "compute-optimal split are those of L = A/N^alpha + B/D^beta")
+
+
+def doubts(chinchilla: Optional[ChinchillaLaw], boot: Optional[BootstrapResult],
+           losses: Sequence[float] = ()) -> list[str]:
     """Signs that the Chinchilla law is not determined by these runs (the fit still returns numbers)."""
     if chinchilla is None:
         return []
     out = [f"{k} = {getattr(chinchilla, k):.3g} is outside (0, 2], the range of the paper's starting grid"
            for k in ("alpha", "beta") if not 0 < getattr(chinchilla, k) <= 2]
+    if not chinchilla.has_compute_optimum:
+        out.append("a law that does not fall with both N and D has no compute-optimal split: none is reported")
+    floor = floor_not_determined(chinchilla, losses)
+    out += [floor] if floor else []
     for k in ("alpha", "beta", "E"):
         low, high = boot.intervals.get(f"chinchilla/{k}", (0, 0)) if boot else (0, 0)
         if high - low > abs(getattr(chinchilla, k)):
@@ -111,14 +137,18 @@ def fit_report(fits: ScalingFits) -> str:
                      f"{_interval(boot, f'kaplan/{key}/alpha')} | {KAPLAN_PUBLISHED[key]} |")
         lines.append(f"| | {key}_c | {fit.law.x_c:.4g} | {_interval(boot, f'kaplan/{key}/x_c')} | |")
     if chinchilla:
+        no_floor = floor_not_determined(chinchilla, [o.loss for o in fits.obs])
         for k in ("E", "A", "B", "alpha", "beta"):
-            lines.append(f"| L(N, D) = E + A/N^α + B/D^β | {k} | {getattr(chinchilla, k):.4g} | "
+            value = f"{getattr(chinchilla, k):.4g}"
+            if k == "E" and no_floor:
+                value += f" (log E = {chinchilla.log_E:.4g}): not determined"
+            lines.append(f"| L(N, D) = E + A/N^α + B/D^β | {k} | {value} | "
                          f"{_interval(boot, f'chinchilla/{k}')} | |")
     lines += [""] + [f"- {why}" for why in fits.skipped.values()]
     lines += [f"- warning: {w}" for w in fits.warnings]
     lines += ["", "Runs used by each Kaplan fit: " + "; ".join(f"L({k}): {fit.selection}" for k, fit in kaplan.items())
               if kaplan else ""]
-    if chinchilla and budgets:
+    if fits.optimum:
         lines += ["", "## Compute-optimal allocation (Chinchilla fit, C = 6ND)", "",
                   f"| budget C (FLOPs) | N_opt | {ci} | D_opt | {ci} | tokens per parameter |",
                   "|---|---|---|---|---|---|"]

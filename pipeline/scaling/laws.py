@@ -107,12 +107,16 @@ def distinct_count(x) -> int:
 
 @dataclass(frozen=True)
 class PowerLaw:
-    x_c: float
+    log_x_c: float  # the fitted parameter; X_c = exp(log X_c)
     alpha: float
+
+    @property
+    def x_c(self) -> float:
+        return math.exp(self.log_x_c)
 
     def predict(self, x):
         """(X_c / X)^alpha, elementwise."""
-        return np.exp(self.alpha * (math.log(self.x_c) - np.log(np.asarray(x, float))))
+        return np.exp(self.alpha * (self.log_x_c - np.log(np.asarray(x, float))))
 
 
 def fit_power_law(x, loss) -> PowerLaw:
@@ -128,7 +132,7 @@ def fit_power_law(x, loss) -> PowerLaw:
     log_x_c = float(intercept) / alpha if alpha != 0 else math.inf
     if not math.isfinite(log_x_c) or abs(log_x_c) > 700:  # exp() would overflow: the loss is flat in x
         raise BadInput(f"the loss does not change with x (fitted exponent {alpha:.2g}), so no power law fits")
-    return PowerLaw(x_c=math.exp(log_x_c), alpha=alpha)
+    return PowerLaw(log_x_c=log_x_c, alpha=alpha)
 
 
 @dataclass(frozen=True)
@@ -199,26 +203,58 @@ def kaplan_fits(obs: Sequence[Observation]) -> tuple[dict[str, KaplanFit], dict[
 
 @dataclass(frozen=True)
 class ChinchillaLaw:
-    E: float
-    A: float
-    B: float
+    """E + A / N^alpha + B / D^beta, held as log E, log A, log B: the fit works in logs, and a floor that runs
+    to zero leaves log E = -800, whose E = exp(log E) is 0. Restarts and the compute-optimal split use the
+    logs, never the log of an exponentiated parameter."""
+
+    log_E: float
+    log_A: float
+    log_B: float
     alpha: float
     beta: float
+
+    @classmethod
+    def of(cls, E: float, A: float, B: float, alpha: float, beta: float) -> ChinchillaLaw:
+        """The law with these (positive) E, A, B, e.g. a published one."""
+        assert min(E, A, B) > 0, f"E={E}, A={A}, B={B} must be positive"
+        return cls(math.log(E), math.log(A), math.log(B), alpha, beta)
+
+    @property
+    def E(self) -> float:
+        return _exp(self.log_E)
+
+    @property
+    def A(self) -> float:
+        return _exp(self.log_A)
+
+    @property
+    def B(self) -> float:
+        return _exp(self.log_B)
 
     def predict(self, n, d):
         """E + A / N^alpha + B / D^beta, elementwise."""
         n, d = np.asarray(n, float), np.asarray(d, float)
-        return self.E + self.A * n ** -self.alpha + self.B * d ** -self.beta
+        return self.E + np.exp(self.log_A - self.alpha * np.log(n)) + np.exp(self.log_B - self.beta * np.log(d))
+
+    @property
+    def has_compute_optimum(self) -> bool:
+        """Whether the loss falls with both N and D, so that every budget has a best split."""
+        return self.alpha > 0 and self.beta > 0
 
     def compute_optimal(self, c) -> tuple[np.ndarray, np.ndarray]:
         """(N_opt, D_opt) minimising the loss at budget C = 6 N D, elementwise in C."""
-        if not (self.alpha > 0 and self.beta > 0):
+        if not self.has_compute_optimum:
             raise BadInput(f"the fitted law does not fall with both N and D (alpha={self.alpha:.3g}, "
                            f"beta={self.beta:.3g}), so it has no compute-optimal split; sweep wider N and D")
         s = self.alpha + self.beta
-        g = (self.alpha * self.A / (self.beta * self.B)) ** (1 / s)
-        c6 = np.asarray(c, float) / 6.0
-        return g * c6 ** (self.beta / s), c6 ** (self.alpha / s) / g
+        log_g = (math.log(self.alpha) + self.log_A - math.log(self.beta) - self.log_B) / s
+        log_c6 = np.log(np.asarray(c, float) / 6.0)
+        return np.exp(log_g + log_c6 * self.beta / s), np.exp(log_c6 * self.alpha / s - log_g)
+
+
+def _exp(x: float) -> float:
+    """exp(x), 0.0 below about -745 and inf above 709 (as numpy does), not an OverflowError."""
+    return math.exp(x) if x < 709 else math.inf
 
 
 # The paper's grid of starting points (alpha, beta, e, a, b); 4,500 points.
@@ -271,7 +307,7 @@ def fit_chinchilla(n, d, loss, delta: float = 1e-3, top_k: int = 20, starts: Seq
     if pairs < CHINCHILLA_PARAMETERS:
         raise BadInput(f"the Chinchilla fit has {CHINCHILLA_PARAMETERS} parameters but {runs_phrase(names)} have only "
                        f"{pairs} distinct (N, D) pairs: a sweep needs at least {CHINCHILLA_PARAMETERS}")
-    mean_n, mean_d = np.log(n).mean(), np.log(d).mean()
+    mean_n, mean_d = float(np.log(n).mean()), float(np.log(d).mean())
     xn, xd, log_loss = np.log(n) - mean_n, np.log(d) - mean_d, np.log(loss)
 
     def centred(alpha, beta, e, a, b):
@@ -282,19 +318,20 @@ def fit_chinchilla(n, d, loss, delta: float = 1e-3, top_k: int = 20, starts: Seq
         grid = centred(*PAPER_GRID.T)
         scores, _ = _huber_objective(grid, xn, xd, log_loss, delta)
         initial = [grid[:, i] for i in np.argsort(scores)[:top_k]]
-    initial += [centred(s.alpha, s.beta, math.log(s.E), math.log(s.A), math.log(s.B)) for s in starts]
+    initial += [centred(s.alpha, s.beta, s.log_E, s.log_A, s.log_B) for s in starts]
     assert initial, "top_k=0 needs at least one law in starts"
     with one_blas_thread():
         results = [minimize(_huber_objective, x0, args=(xn, xd, log_loss, delta), jac=True, method="L-BFGS-B",
                             options={"maxiter": 2000, "ftol": 1e-12, "gtol": 1e-9}) for x0 in initial]
     found = min(results, key=lambda r: r.fun if np.isfinite(r.fun) else math.inf)
-    a, b, e, alpha, beta = found.x
-    with np.errstate(over="ignore"):
-        E, A, B = np.exp([e, a + alpha * mean_n, b + beta * mean_d])
-    if not np.all(np.isfinite([E, A, B, alpha, beta])):
+    a, b, e, alpha, beta = (float(v) for v in found.x)
+    law = ChinchillaLaw(log_E=e, log_A=a + alpha * mean_n, log_B=b + beta * mean_d, alpha=alpha, beta=beta)
+    # E may underflow to 0 (the floor ran to zero; the stage says so), but no parameter may be infinite or nan.
+    logs = [law.log_E, law.log_A, law.log_B]
+    if not (np.all(np.isfinite(logs + [alpha, beta])) and max(logs) < 709):
         raise BadInput(f"the Chinchilla fit on {runs_phrase(names)} diverged (log E={e:.3g}, alpha={alpha:.3g}, "
                        f"beta={beta:.3g}): the losses do not follow E + A/N^alpha + B/D^beta; sweep wider N and D")
-    return ChinchillaLaw(E=float(E), A=float(A), B=float(B), alpha=float(alpha), beta=float(beta))
+    return law
 
 
 def fit_chinchilla_runs(obs: Sequence[Observation], **kwargs) -> ChinchillaLaw:

@@ -98,7 +98,7 @@ def _compute_panel(ax, obs: list[Observation], fit: KaplanFit | None, chinchilla
     grid = _span(c)
     if fit is not None:
         ax.plot(grid, fit.law.predict(grid), "k--", lw=1.5, label=_kaplan_label("C", fit))
-    if chinchilla is not None and chinchilla.alpha > 0 and chinchilla.beta > 0:
+    if chinchilla is not None and chinchilla.has_compute_optimum:
         n_opt, d_opt = chinchilla.compute_optimal(grid)
         ax.plot(grid, chinchilla.predict(n_opt, d_opt), color="tab:blue", lw=1.2,
                 label="Chinchilla at the compute-optimal N, D")

@@ -6,6 +6,7 @@ for the budgets, a held-out check (fit without the largest run, predict it) and 
 """
 from __future__ import annotations
 
+
 from pipeline.contract import StageConfig, StageContext, StageResult
 from pipeline.scaling.fits import fit_laws
 from pipeline.scaling.laws import read_csv, write_csv
@@ -32,8 +33,6 @@ def run(cfg: StageConfig, ctx: StageContext) -> StageResult:
 
     fits = fit_laws(obs, laws=s.laws, budgets=s.budgets, bootstrap_reps=s.bootstrap_reps, confidence=s.confidence,
                     huber_delta=s.huber_delta, seed=cfg.seed)
-    if fits.warnings:
-        ctx.run.set_tags({"scaling.warning": "; ".join(fits.warnings)})
     report = fits.report()
     (out / "fits.md").write_text(report)
     for path in [plot_scaling(obs, fits.kaplan, fits.chinchilla, out / "scaling.png"),
@@ -42,4 +41,5 @@ def run(cfg: StageConfig, ctx: StageContext) -> StageResult:
     print("\n" + report)
     return StageResult(counts={"observations": len(obs), **read, **fits.counts()}, metrics=fits.metrics(),
                        outputs={"plot": "scaling.png", "parity": "parity.png", "report": "fits.md", "runs": "runs.csv",
-                                "budgets": fits.budgets, "heldout_run": fits.held.name if fits.held else None})
+                                "budgets": fits.budgets, "heldout_run": fits.held.name if fits.held else None},
+                       warnings=fits.warnings)

@@ -19,7 +19,7 @@ from pipeline.scaling.laws import (ChinchillaLaw, Observation, bootstrap, check_
 from pipeline.scaling.plots import plot_parity, plot_scaling
 
 SIGMA = 0.005
-TRUE = ChinchillaLaw(E=1.7, A=400.0, B=410.0, alpha=0.34, beta=0.28)
+TRUE = ChinchillaLaw.of(E=1.7, A=400.0, B=410.0, alpha=0.34, beta=0.28)
 
 
 def chinchilla_runs(per_axis: int, seed: int, law: ChinchillaLaw = TRUE) -> list[Observation]:
@@ -54,7 +54,7 @@ def test_chinchilla_fit_from_a_given_start_alone_finds_the_same_optimum():
     """With no grid points (top_k=0), starting from a nearby law reaches the grid search's answer (1e-4)."""
     runs = chinchilla_runs(5, seed=3)
     full = fit_chinchilla_runs(runs)
-    nudged = ChinchillaLaw(E=2.0, A=300.0, B=500.0, alpha=0.3, beta=0.3)
+    nudged = ChinchillaLaw.of(E=2.0, A=300.0, B=500.0, alpha=0.3, beta=0.3)
     alone = fit_chinchilla_runs(runs, top_k=0, starts=[nudged])
     assert abs(alone.alpha - full.alpha) < 1e-4 and abs(alone.beta - full.beta) < 1e-4, (alone, full)
 
@@ -202,3 +202,64 @@ def test_plots_write_png_also_without_fits(tmp_path):
     ]
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000, path
+
+
+def floorless_runs(noise: float = 0.003, seed: int = 0) -> list[Observation]:
+    """A demo-sized sweep (5 sizes x 3 token budgets) whose loss (1e16 / ND)^0.1 falls with compute and has no
+    floor: the Chinchilla fit drives log E to about -800, where E = exp(log E) underflows to 0."""
+    rng = np.random.default_rng(seed)
+    sizes = [(n, d) for n in (3e4, 1e5, 3e5, 1e6, 3e6) for d in (1e6, 1e7, 1e8)]
+    return [Observation(f"pretrain-{i}", n, d, None, (1e16 / (n * d)) ** 0.1 * math.exp(rng.normal(0, noise)))
+            for i, (n, d) in enumerate(sizes)]
+
+
+def test_a_floor_that_runs_to_zero_is_kept_in_logs_so_the_bootstrap_restarts_from_it():
+    """The bootstrap restarts every resample from the full-data fit: from its log E, not from the log of an E
+    that underflowed to 0 (which raised 'math domain error' and failed the scaling stage)."""
+    runs = floorless_runs()
+    law = fit_chinchilla_runs(runs)
+    boot = bootstrap(runs, reps=20, start=law, budgets=[1e18])
+    assert law.E == 0.0 and -2000 < law.log_E < -700, law
+    assert boot.failed["chinchilla"] <= 2, boot.failed
+    for key in ("alpha", "beta", "E", "n_opt/1e18"):
+        low, high = boot.intervals[f"chinchilla/{key}"]
+        assert math.isfinite(low) and math.isfinite(high) and low <= high, (key, low, high)
+    assert boot.intervals["chinchilla/E"][0] == 0.0
+    n_opt, d_opt = law.compute_optimal([1e18])
+    assert 6 * n_opt[0] * d_opt[0] == pytest.approx(1e18, rel=1e-9)
+    off = np.abs(law.predict([r.n for r in runs], [r.d for r in runs]) / np.array([r.loss for r in runs]) - 1)
+    assert np.median(off) < 0.03 and off.max() < 0.15, off  # a sum of two power laws bends away from a product
+
+
+def test_an_undetermined_floor_is_said_in_the_warnings_and_the_report():
+    """A sum of power laws with E = 0 (the fit stops near E = 1e-11) and a floorless sweep (E underflows to 0)
+    both get a warning naming E and a report whose E row says so; a law with a real floor does not."""
+    from pipeline.scaling.fits import fit_laws
+
+    additive = [Observation(f"r{i}", n, d, None, 300 / n ** 0.35 + 900 / d ** 0.3)
+                for i, (n, d) in enumerate((n, d) for n in (3e4, 1e5, 3e5, 1e6, 3e6) for d in (1e6, 1e7, 1e8))]
+    for runs in (additive, floorless_runs()):
+        fits = fit_laws(runs, laws=["kaplan", "chinchilla"], bootstrap_reps=10)
+        assert fits.chinchilla.E < 1e-2 * min(r.loss for r in runs), fits.chinchilla
+        assert any(w.startswith("E is not determined: the fitted floor ran to zero") for w in fits.warnings)
+        report = fits.report()
+        assert "): not determined |" in report and "| α_N |" in report and "kaplan/N/alpha/low" in fits.metrics()
+    determined = fit_laws(chinchilla_runs(4, seed=8), laws=["chinchilla"], bootstrap_reps=0)
+    assert not any("E is not determined" in w for w in determined.warnings), determined.warnings
+
+
+def test_a_law_that_rises_with_tokens_reports_no_compute_optimal_split_and_the_rest():
+    """Losses that grow with D (overfitting runs) fit beta < 0: there is no compute-optimal split, which is said,
+    and the metrics and report still hold the fits (computing the split raised BadInput and failed the stage)."""
+    from pipeline.scaling.fits import fit_laws
+
+    rng = np.random.default_rng(0)
+    runs = [Observation(f"r{i}", n, d, 6 * n * d, (2 + 300 / n ** 0.35 + 0.3 * (d / 1e6) ** 0.1)
+                        * math.exp(rng.normal(0, SIGMA)))
+            for i, (n, d) in enumerate((n, d) for n in (3e4, 1e5, 3e5, 1e6, 3e6) for d in (1e6, 1e7, 1e8))]
+    fits = fit_laws(runs, laws=["kaplan", "chinchilla"], bootstrap_reps=10)
+    assert fits.chinchilla.beta < 0 and fits.budgets, fits.chinchilla
+    metrics, report = fits.metrics(), fits.report()
+    assert "chinchilla/beta" in metrics and "kaplan/N/alpha/low" in metrics
+    assert not any("n_opt" in k for k in metrics) and "Compute-optimal" not in report
+    assert any("has no compute-optimal split" in w for w in fits.warnings), fits.warnings
