@@ -5,10 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import subprocess
 import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.contract import execute_stage
 from pipeline.model.gpt import load_model
 from pipeline.stages import load_stage
-from tests.conftest import mlflow_runs
+from tests.conftest import mlflow_runs, tmpfs
 from tests.stages.test_pretrain import _cli, _compose, outputs  # noqa: F401  (outputs: the shared tokenize fixture)
 
 pytestmark = pytest.mark.slow
@@ -31,22 +29,6 @@ def _link_tokenize(outputs: Path, root: Path) -> None:
     """``root``/demo/tokenize: the module's shared tokenize output."""
     (root / "demo").mkdir(parents=True, exist_ok=True)
     os.symlink(outputs / "demo" / "tokenize", root / "demo" / "tokenize")
-
-
-@contextmanager
-def tmpfs(path: Path, size: str):
-    """A real small filesystem at ``path`` (root only)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                          text=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def test_a_failure_while_publishing_keeps_the_training_and_a_rerun_only_publishes(outputs, tracking_uri,
