@@ -157,8 +157,8 @@ def read_warc(source: str, path: str, max_bytes: Optional[int] = None) -> Iterat
             else:
                 return
             start = None if stream.truncated else _next_warc_member(fh, bad_at + 1)
-            if stream.claimed:  # the record that was being read when the data stopped is the casualty
-                continue
+            if stream.claimed or stream.in_bad_member(documents.last_document_at):
+                continue  # a document was read from the bad member: it is the casualty, counted once, not the stretch
             length = (size if start is None else start) - bad_at
             fh.seek(bad_at)
             stretch = Record(source, path, f"offset {bad_at}", html=fh.read(min(length, RAW_HEAD_BYTES)))
@@ -175,7 +175,9 @@ class _WarcDocuments:
     """The document records fastwarc finds in one stream, as Records numbered on from ``n``.
 
     ``error`` is why fastwarc stopped early, if it did, and ``last_at`` where the last record it
-    read began. A record cut short because the stream stopped ``claims`` the stream's problem.
+    read began (``last_document_at``: the last document record). A document cut short because the
+    stream stopped, or read whole from a gzip member cut before its checksum, ``claims`` the
+    stream's problem: it is the one rejection, under its own id, and the stretch is not another.
     """
 
     def __init__(self, source: str, path: str, stream, max_bytes: Optional[int], n: int, stream_detect: bool = True):
@@ -183,6 +185,7 @@ class _WarcDocuments:
         self.stream_detect = stream_detect
         self.error: Optional[Exception] = None
         self.last_at: Optional[int] = None
+        self.last_document_at: Optional[int] = None
 
     def __iter__(self) -> Iterator[Record]:
         from fastwarc.warc import ArchiveIterator
@@ -200,6 +203,7 @@ class _WarcDocuments:
             kind = warc.headers.get("WARC-Type")
             if kind in DOCUMENT_TYPES:
                 self.n += 1
+                self.last_document_at = warc.stream_pos
                 yield self._record(warc, kind)
 
     def _record(self, warc, kind: str) -> Record:
@@ -217,6 +221,12 @@ class _WarcDocuments:
                 detail += f"; {self.stream.describe()}"
             record.html = block
             return _failed(record, "truncated", detail)
+        if self.stream.in_bad_member(warc.stream_pos):
+            # read whole, but from a member cut before its checksum: unverified, so not kept as good
+            self.stream.claimed = True
+            record.html = block
+            return _failed(record, "truncated", f"{len(block):,} bytes read, but {self.stream.describe()}, so "
+                                                f"they cannot be verified (its checksum is cut off)")
         media, charset = _media_type(warc.headers.get("Content-Type"))
         if kind == "response" and media == "application/http":
             try:
@@ -289,7 +299,8 @@ class _GzipMembers:
             if not self.pending:
                 if self.inflate is not None:
                     self.held += self.inflate.flush()
-                    self.buffer += self.held  # a cut member: its record is rejected as truncated, under its own id
+                    self.buffer += self.held  # a cut member: its record is rejected as truncated, under its own id,
+                    # whether its data ends short or only the checksum is missing (_WarcDocuments._record)
                     if not self.inflate.eof:
                         self._stop("the file ends inside a gzip member", truncated=True)
                 self.done = True
@@ -323,6 +334,10 @@ class _GzipMembers:
 
     def _stop(self, problem: str, truncated: bool = False) -> None:
         self.problem, self.bad_at, self.truncated, self.done = problem, self.member_at, truncated, True
+
+    def in_bad_member(self, decompressed: Optional[int]) -> bool:
+        """Whether decompressed offset ``decompressed`` lies in the member that could not be read whole."""
+        return self.problem is not None and decompressed is not None and decompressed >= self.starts_made[-1]
 
     def describe(self) -> str:
         if self.truncated:
@@ -389,6 +404,9 @@ class _Salvaged:
 
     def tell(self) -> int:  # fastwarc asks
         return self.bad_at
+
+    def in_bad_member(self, decompressed: Optional[int]) -> bool:  # no members here: the rest is one stretch
+        return False
 
     def describe(self) -> str:
         return f"{self.problem} after {self.bad_at:,} bytes of decompressed data"

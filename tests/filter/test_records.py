@@ -150,6 +150,27 @@ def test_a_record_whose_gzip_member_is_damaged_is_rejected_not_read_as_good(tmp_
     assert bad.error == "corrupt" and bad.record_id == f"offset {start}" and f"at byte {end:,}" in bad.error_detail
 
 
+
+@pytest.mark.parametrize("cut", [1, 4, 10])
+def test_a_warc_gz_cut_in_its_last_member_counts_every_record_once(tmp_path, data_dir, cut):
+    # Cut inside the last member's gzip trailer (1, 4 bytes) or its record's closing CRLF CRLF (10):
+    # the last record's data all inflates, but its checksum is gone. It is the one rejection, under
+    # its own id, never kept as good and rejected again as an "offset N" stretch.
+    data = (data_dir / WARC_24).read_bytes()
+    whole = list(read_warc("w", str(data_dir / WARC_24)))
+    assert len(whole) == 24 and not any(r.error for r in whole)
+    damaged = tmp_path / "cut.warc.gz"
+    damaged.write_bytes(data[:-cut])
+
+    records = list(read_warc("w", str(damaged)))
+    assert len(records) == len(whole), "every document once: kept or rejected, not both"
+    assert len({r.record_id for r in records}) == len(records), "no document twice"
+    assert _content(records[:-1]) == _content(whole[:-1]), "the records before, unchanged"
+    last = records[-1]
+    assert (last.record_id, last.error) == (whole[-1].record_id, "truncated")
+    assert f"the file ends inside the gzip member that starts at byte {_gzip_members(data)[-1]:,}" in \
+        last.error_detail and "cannot be verified" in last.error_detail
+
 def test_documents_over_the_byte_limit_are_rejected_unread(tmp_path):
     limit, big = 1000, b"<p>" + b"word " * 400 + b"</p>"
     head = b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
