@@ -28,10 +28,24 @@ class RemoteTraceback(Exception):
         return self.args[0]
 
 
-def _serve(conn: Connection) -> None:
+def _die_with(parent: int) -> None:
+    """Have the kernel SIGKILL this worker when ``parent`` dies (Linux; a kill -9 or the OOM killer), so no
+    worker outlives the stage and holds its lock."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the worker ends at its next recv() instead
+        pass
+    if os.getppid() != parent:  # the parent died before the request
+        os._exit(1)
+
+
+def _serve(conn: Connection, parent: int) -> None:
     """A worker: run (fn, index, item) jobs until told to stop or the parent goes away."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)  # the parent decides; it kills us when it stops
+    _die_with(parent)
     while True:
         try:
             job = conn.recv()
@@ -70,7 +84,7 @@ class WorkerPool:
         try:
             for _ in range(processes):
                 mine, theirs = ctx.Pipe()
-                process = ctx.Process(target=_serve, args=(theirs,), daemon=True)
+                process = ctx.Process(target=_serve, args=(theirs, os.getpid()), daemon=True)
                 process.start()
                 theirs.close()
                 self.workers.append((process, mine))
@@ -130,12 +144,16 @@ class WorkerPool:
                     pass
             for process, _ in self.workers:
                 process.join(_STOP_S)
-        for process, conn in self.workers:
-            if process.exitcode is None:
-                try:
-                    os.kill(process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            process.join()
-            conn.close()
-        self.workers = []
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # a second Ctrl-C
+        try:  # cannot leave workers unreaped; it is acted on right after
+            for process, conn in self.workers:
+                if process.exitcode is None:
+                    try:
+                        os.kill(process.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                process.join()
+                conn.close()
+            self.workers = []
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)

@@ -87,3 +87,28 @@ def test_a_signal_to_the_process_group_ends_the_pool_at_once(tmp_path, signum):
     time.sleep(0.2)
     with pytest.raises(ProcessLookupError):  # the workers went with it
         os.killpg(proc.pid, 0)
+
+
+def test_workers_die_with_a_parent_killed_by_sigkill(tmp_path):
+    script = tmp_path / "pool.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    try:
+        assert proc.stdout.readline() == "ready\n"  # one worker is 60 s into a task
+        proc.kill()
+        proc.wait(10)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break  # no worker outlives it (and holds the stage's lock)
+            time.sleep(0.1)
+        else:
+            pytest.fail("a worker outlived its parent's SIGKILL")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -46,6 +46,15 @@ class Stage:
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
+    def __enter__(self) -> "Stage":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Whatever failed, nothing of the stage keeps running (it is in a session of its own)."""
+        if not self.group_is_gone():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+
     def _read(self) -> None:
         for chunk in iter(lambda: self.proc.stderr.read1(4096), b""):
             self.err += chunk
@@ -109,8 +118,8 @@ def test_filter_ends_killed_when_signalled_while_a_worker_is_idle(tmp_path, data
     crawl = tmp_path / "crawl"
     (crawl / "slow").mkdir(parents=True)
     (crawl / "fast").mkdir()
-    # 300 documents (some seconds of work) in one file, a task of its own; four small files after it
-    (crawl / "slow/docs.jsonl").write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows * 15))
+    # 1,200 documents (many seconds of work) in one file, a task of its own; four small files after it
+    (crawl / "slow/docs.jsonl").write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows * 60))
     for k in range(4):
         (crawl / f"fast/docs-{k}.jsonl").write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows[:5]))
     sources = {"slow": {"path": str(crawl / "slow")}, "fast": {"path": str(crawl / "fast")}}
@@ -119,15 +128,16 @@ def test_filter_ends_killed_when_signalled_while_a_worker_is_idle(tmp_path, data
 
     only_these = ["~filter.sources.warc", "~filter.sources.html", "~filter.sources.ccnet",
                   *(f"++filter.sources.{name}.path={spec['path']}" for name, spec in sources.items())]
-    stage = Stage("filter", f"paths.outputs_dir={tmp_path / 'outputs'}", f"tracking.experiment={experiment}",
-                  "filter.num_proc=2", *only_these, tracking_uri=tracking_uri)
     partial = tmp_path / "outputs/demo/.filter.partial"
-    # A task writes its rejected shard last: once every fast task's is there, their worker waits for work.
-    stage.wait_for(lambda: all((partial / f"rejected/part-{i:05d}.parquet").exists() for i in range(1, len(tasks))))
-    time.sleep(0.5)
-    assert not (partial / "rejected/part-00000.parquet").exists(), "the long task ended too soon to test anything"
-    code = stage.signal_and_wait(signum, group)
-    _assert_killed(stage, code, signum, tracking_uri, experiment, "filter")
+    with Stage("filter", f"paths.outputs_dir={tmp_path / 'outputs'}", f"tracking.experiment={experiment}",
+               "filter.num_proc=2", *only_these, tracking_uri=tracking_uri) as stage:
+        # A task writes its rejected shard last: once every fast task's is there, their worker waits for work.
+        stage.wait_for(lambda: all((partial / f"rejected/part-{i:05d}.parquet").exists()
+                                   for i in range(1, len(tasks))))
+        time.sleep(0.5)
+        assert not (partial / "rejected/part-00000.parquet").exists(), "the long task ended too soon to test anything"
+        code = stage.signal_and_wait(signum, group)
+        _assert_killed(stage, code, signum, tracking_uri, experiment, "filter")
     assert not (tmp_path / "outputs/demo/filter" / MANIFEST).exists()
 
 
@@ -138,16 +148,16 @@ def test_dedup_ends_killed_when_signalled_while_a_worker_is_idle(tmp_path, data_
     words = " ".join(r["text"] for r in _ccnet(data_dir)).split()
     rng = np.random.default_rng(0)
     # MinHash tasks are 512 documents: the first holds long ones (seconds of work), three more short ones.
-    texts = [" ".join(rng.choice(words, 8000)) for _ in range(512)] + \
+    texts = [" ".join(rng.choice(words, 16000)) for _ in range(512)] + \
             [" ".join(rng.choice(words, 30)) for _ in range(3 * 512)]
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
 
-    stage = Stage("dedup", f"paths.outputs_dir={tmp_path / 'outputs'}", f"tracking.experiment={experiment}",
-                  "dedup.input.stage=null", f"dedup.input.path={docs}", "dedup.eval.enabled=false",
-                  "dedup.near.num_proc=2", tracking_uri=tracking_uri)
-    stage.wait_for(lambda: "1536/2048" in stage.stderr())
-    time.sleep(0.5)
-    assert "2048/2048" not in stage.stderr(), "the long task ended too soon to test anything"
-    code = stage.signal_and_wait(signum, group)
-    _assert_killed(stage, code, signum, tracking_uri, experiment, "dedup")
+    with Stage("dedup", f"paths.outputs_dir={tmp_path / 'outputs'}", f"tracking.experiment={experiment}",
+               "dedup.input.stage=null", f"dedup.input.path={docs}", "dedup.eval.enabled=false",
+               "dedup.near.num_proc=2", tracking_uri=tracking_uri) as stage:
+        stage.wait_for(lambda: "1536/2048" in stage.stderr())
+        time.sleep(0.5)
+        assert "2048/2048" not in stage.stderr(), "the long task ended too soon to test anything"
+        code = stage.signal_and_wait(signum, group)
+        _assert_killed(stage, code, signum, tracking_uri, experiment, "dedup")
