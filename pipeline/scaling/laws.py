@@ -363,8 +363,9 @@ def budget_label(c: float) -> str:
 
 
 def _chinchilla_numbers(law: ChinchillaLaw, budgets: Sequence[float]) -> dict[str, float]:
+    """The law's parameters, and N_opt, D_opt at each budget where the law has a compute-optimal split."""
     out = {f"chinchilla/{k}": getattr(law, k) for k in ("E", "A", "B", "alpha", "beta")}
-    if len(budgets):
+    if len(budgets) and law.has_compute_optimum:
         n_opt, d_opt = law.compute_optimal(np.asarray(budgets, float))
         for c, n_c, d_c in zip(budgets, n_opt, d_opt):
             out[f"chinchilla/n_opt/{budget_label(c)}"] = float(n_c)
@@ -395,9 +396,11 @@ def bootstrap(obs: Sequence[Observation], budgets: Sequence[float] = (), reps: i
     else:
         try:
             start = start if start is not None else fit_chinchilla_runs(obs, delta=delta)
-            _chinchilla_numbers(start, budgets)  # no compute-optimal split on the full data: say so once, here
         except BadInput as e:
             skipped["chinchilla"], start = str(e), None
+        if start is not None and len(budgets) and not start.has_compute_optimum:  # said once, here
+            skipped["chinchilla/compute_optimal"] = (f"the Chinchilla law does not fall with both N and D "
+                                                     f"(beta={start.beta:.3g}): no compute-optimal split")
     samples: dict[str, list[float]] = {}
     failed = {**{f"kaplan/{k}": 0 for k in fit_keys}, **({"chinchilla": 0} if start is not None else {})}
     rng = np.random.default_rng(seed)
@@ -424,11 +427,12 @@ def _resample_fits(obs, rng, budgets, fit_keys, start, samples, failed, delta, t
         return
     try:
         law = fit_chinchilla_runs(resample, delta=delta, top_k=top_k, starts=[start])
-        numbers = _chinchilla_numbers(law, budgets)
     except BadInput:
         failed["chinchilla"] += 1
         return
-    for k, v in numbers.items():
+    if len(budgets) and start.has_compute_optimum and not law.has_compute_optimum:
+        failed["chinchilla/compute_optimal"] = failed.get("chinchilla/compute_optimal", 0) + 1
+    for k, v in _chinchilla_numbers(law, budgets).items():
         samples.setdefault(k, []).append(v)
 
 

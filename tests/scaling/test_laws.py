@@ -260,6 +260,7 @@ def test_a_law_that_rises_with_tokens_reports_no_compute_optimal_split_and_the_r
     fits = fit_laws(runs, laws=["kaplan", "chinchilla"], bootstrap_reps=10)
     assert fits.chinchilla.beta < 0 and fits.budgets, fits.chinchilla
     metrics, report = fits.metrics(), fits.report()
-    assert "chinchilla/beta" in metrics and "kaplan/N/alpha/low" in metrics
+    assert "chinchilla/beta/low" in metrics and "chinchilla/E/high" in metrics and "kaplan/N/alpha/low" in metrics, \
+        "the intervals that exist are reported"
     assert not any("n_opt" in k for k in metrics) and "Compute-optimal" not in report
     assert any("has no compute-optimal split" in w for w in fits.warnings), fits.warnings
