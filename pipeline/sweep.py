@@ -55,7 +55,8 @@ def jobs_fail_alone(config_loader) -> None:
             OmegaConf.copy_cache(from_config=master_config, to_config=job)  # the same ${now:} as the other jobs
             with flag_override(job, ["struct", "readonly"], [False, False]):
                 job.hydra.overrides.task = list(sweep_overrides)
-                job.hydra.job.env_set[JOB_CONFIG_ERROR_ENV] = composition_error(e)
+                # escaped: OmegaConf resolves env_set, and the message may quote an ${interpolation}
+                job.hydra.job.env_set[JOB_CONFIG_ERROR_ENV] = composition_error(e).replace("${", "\\${")
             return job
 
     config_loader.load_sweep_config = load_sweep_config
@@ -74,6 +75,8 @@ class SweepParentRun(Callback):
         self.jobs: list[dict] = []
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # First: Hydra reports an exception below as a warning and launches the jobs anyway.
+        jobs_fail_alone(GlobalHydra.instance().config_loader())  # the loader the sweeper and launcher compose with
         self.settings = settings_from(config)
         self.sweep_dir = Path(config.hydra.sweep.dir)
         self.stage = config.hydra.job.name
@@ -87,7 +90,6 @@ class SweepParentRun(Callback):
         self.run_id = run.info.run_id
         os.environ[PARENT_RUN_ENV] = self.run_id
         atexit.register(self.finish)
-        jobs_fail_alone(GlobalHydra.instance().config_loader())  # the loader the sweeper and launcher compose with
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self.finish()
