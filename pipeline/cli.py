@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from pipeline import PROJECT_ROOT
+from pipeline.errors import shown_path
 from pipeline.stages import STAGES, TOOLS
 
 CONF_DIR = PROJECT_ROOT / "conf"
@@ -54,25 +55,18 @@ def disk_full(error: BaseException, places: dict[str, str] | None = None) -> str
             # Of two paths (a copy or a rename: source, destination) the destination is the one written.
             path = error.filename2 if error.filename2 is not None else error.filename
             if path is not None:
-                return f"{what} writing {_shown(path)}: free space there and rerun"
+                return f"{what} writing {shown_path(path)}: free space there and rerun"
             filesystems = {}  # one place per filesystem
             for key, place in (places or {}).items():
                 try:
                     device = os.stat(_existing(place)).st_dev
-                    filesystems.setdefault(device, f"{key} {_shown(place)} has {_free(place)}")
+                    filesystems.setdefault(device, f"{key} {shown_path(place)} has {_free(place)}")
                 except OSError:
                     continue
             return (f"{what} in a write that names no file" + "".join(f"; {f}" for f in filesystems.values())
                     + ": free space and rerun")
         error = error.__cause__ or error.__context__
     return None
-
-
-def _shown(path) -> str:
-    """A path relative to the working directory when it is below it, else as it is."""
-    path = os.fsdecode(path)
-    relative = os.path.relpath(path) if os.path.isabs(path) else path
-    return path if relative.startswith("..") else relative
 
 
 def _existing(directory: str) -> Path:

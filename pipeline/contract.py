@@ -33,7 +33,7 @@ from omegaconf import OmegaConf
 
 from pipeline import PROJECT_ROOT
 from pipeline.config import RootConfig, as_plain
-from pipeline.errors import BadInput, MissingUpstream, PipelineError
+from pipeline.errors import BadInput, MissingUpstream, PipelineError, shown_path
 from pipeline.model.checkpoints import checkpoint_dir_for
 from pipeline.tracking import StageRun, end_if_running, flatten, stage_run
 
@@ -100,13 +100,6 @@ def stage_dir(outputs_dir: Path, experiment: str, stage: str) -> Path:
     return Path(outputs_dir) / experiment / stage
 
 
-def _shown(path: Path) -> str:
-    try:
-        return os.path.relpath(path)
-    except ValueError:
-        return str(path)
-
-
 def file_hash(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -116,11 +109,11 @@ def read_upstream(outputs_dir: Path, experiment: str, stage: str) -> Upstream:
     path = directory / MANIFEST
     if not path.is_file():
         exp = "" if experiment == "demo" else f" EXP={experiment}"
-        raise MissingUpstream(f"{_shown(path)} is missing: run 'make {stage}{exp}' first")
+        raise MissingUpstream(f"{shown_path(path)} is missing: run 'make {stage}{exp}' first")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise BadInput(f"{_shown(path)} is not valid JSON ({e.msg}): run 'make -B {stage}' to rebuild it") from e
+        raise BadInput(f"{shown_path(path)} is not valid JSON ({e.msg}): run 'make -B {stage}' to rebuild it") from e
     return Upstream(stage, directory, manifest, file_hash(path))
 
 
@@ -148,7 +141,7 @@ def stage_lock(final_dir: Path, stage: str) -> Iterator[None]:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise PipelineError(f"another {stage} run is writing {_shown(final_dir)}; wait for it to finish") from None
+            raise PipelineError(f"another {stage} run is writing {shown_path(final_dir)}; wait for it to finish") from None
         try:
             yield
         finally:
@@ -202,24 +195,41 @@ RESUME_STATE = "run.json"
 def resumable_run(ckpt_dir: Path, chash: str) -> tuple[Optional[str], Optional[str]]:
     """(the MLflow run id to resume in ``ckpt_dir`` or None, the run id of checkpoints of another config or None).
 
-    Checkpoints of another config are kept: the directory is renamed to ``<stage>.ckpt-<its hash>``, from
-    where renaming it back resumes that run.
+    Checkpoints of another config are kept: they move to ``<stage>.ckpt-<its hash>`` (beside the folder a
+    symlinked ``<stage>.ckpt`` points to, so they stay on its filesystem and the link stays). Running that
+    config again moves them back and resumes its run.
     """
-    state_path = ckpt_dir / RESUME_STATE
-    if not state_path.is_file():
-        return None, None
-    state = json.loads(state_path.read_text())
-    if state.get("config_hash") == chash:
+    real = ckpt_dir.resolve() if ckpt_dir.is_symlink() else ckpt_dir
+    state = _resume_state(real)
+    if state is not None and state.get("config_hash") == chash:
         return state["mlflow_run_id"], None
-    aside = ckpt_dir.with_name(f"{ckpt_dir.name}-{state.get('config_hash')}")
-    n = 1
-    while aside.exists() or aside.is_symlink():
-        n += 1
-        aside = ckpt_dir.with_name(f"{ckpt_dir.name}-{state.get('config_hash')}.{n}")
-    os.rename(ckpt_dir, aside)
-    print(f"{_shown(ckpt_dir)} held the checkpoints of another config ({state.get('config_hash')}); kept them at "
-          f"{_shown(aside)} (rename it back to {ckpt_dir.name} to resume that run) and starting afresh", flush=True)
-    return None, state.get("mlflow_run_id")
+    superseded = None
+    if state is not None:
+        old = state.get("config_hash")
+        aside = real.with_name(f"{real.name}-{old}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = real.with_name(f"{real.name}-{old}.{n}")
+        os.rename(real, aside)
+        print(f"{shown_path(ckpt_dir)} held the checkpoints of another config ({old}); kept them at {shown_path(aside)}, "
+              f"where running that config again resumes them", flush=True)
+        superseded = state.get("mlflow_run_id")
+    kept = real.with_name(f"{real.name}-{chash}")
+    state = _resume_state(kept)
+    if state is None or (real.exists() and any(real.iterdir())):
+        return None, superseded
+    if real.exists():
+        real.rmdir()
+    os.rename(kept, real)
+    print(f"{shown_path(kept)} holds this config's checkpoints, set aside when the config changed; moved them back",
+          flush=True)
+    return state["mlflow_run_id"], superseded
+
+
+def _resume_state(directory: Path) -> Optional[dict]:
+    path = directory / RESUME_STATE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def remove_checkpoints(ckpt_dir: Path) -> None:
@@ -294,10 +304,10 @@ def execute_stage(stage: str, module: ModuleType, cfg: RootConfig, out_dir: Opti
                            params=flatten(as_plain(cfg)),
                            parent_run_id=parent_run_id, resume_run_id=resume_id) as run:
                 if resumable:
-                    ckpt_dir.mkdir(parents=True, exist_ok=True)
+                    (ckpt_dir.resolve() if ckpt_dir.is_symlink() else ckpt_dir).mkdir(parents=True, exist_ok=True)
                     write_json(ckpt_dir / RESUME_STATE, {"mlflow_run_id": run.run_id, "config_hash": chash})
                 if resume_id:
-                    print(f"{stage}: resuming MLflow run {resume_id} from {_shown(ckpt_dir)}", flush=True)
+                    print(f"{stage}: resuming MLflow run {resume_id} from {shown_path(ckpt_dir)}", flush=True)
                 else:
                     run.log_text(OmegaConf.to_yaml(as_plain(cfg)), "config.yaml")
                 deferred = True  # _build blocks signals once the manifest is written

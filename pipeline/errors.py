@@ -1,4 +1,7 @@
-"""The two exception families the entry point treats specially."""
+"""The two exception families the entry point treats specially, and how a message shows a path."""
+
+import os
+from pathlib import Path
 
 
 class PipelineError(Exception):
@@ -52,3 +55,10 @@ def choice(kind, value, key: str):
         return kind(value)
     except ValueError:
         raise ConfigError(key, f"is {value!r}; it must be one of {', '.join(m.value for m in kind)}") from None
+
+
+def shown_path(path) -> str:
+    """``path`` as a message shows it: relative to the working directory when it lies below it
+    (outputs/demo/...), else absolute."""
+    path = Path(os.fsdecode(path)).absolute()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)

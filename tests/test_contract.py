@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import PROJECT_ROOT
-from pipeline.contract import MANIFEST, building, execute_stage, read_upstream, stage_lock, write_manifest
+from pipeline.contract import (MANIFEST, RESUME_STATE, building, execute_stage, read_upstream, resumable_run, stage_lock,
+                               write_json, write_manifest)
 from pipeline.errors import MissingUpstream, PipelineError
 from pipeline.stages import load_stage
 from tests.conftest import mlflow_runs, run_cli, tiny_tokenize_overrides, web_without_filter
@@ -128,3 +129,24 @@ def test_a_killed_stage_leaves_no_manifest_and_the_previous_output_intact(tmp_pa
     assert not (partial / MANIFEST).exists()
     statuses = sorted(r.info.status for r in mlflow_runs(tracking_uri, experiment))
     assert statuses == ["FINISHED", "KILLED"]
+
+
+def test_checkpoints_of_another_config_are_set_aside_beside_a_linked_folder_and_come_back(tmp_path, capsys):
+    elsewhere = tmp_path / "other-disk" / "pretrain.ckpt"
+    elsewhere.mkdir(parents=True)
+    ckpt_dir = tmp_path / "outputs" / "demo" / "pretrain.ckpt"
+    ckpt_dir.parent.mkdir(parents=True)
+    ckpt_dir.symlink_to(elsewhere)
+    write_json(ckpt_dir / RESUME_STATE, {"mlflow_run_id": "run-a", "config_hash": "aaaa"})
+    (ckpt_dir / "step-000010.ckpt").write_bytes(b"weights of config a")
+
+    assert resumable_run(ckpt_dir, "bbbb") == (None, "run-a"), "another config: start afresh, end run-a"
+    aside = elsewhere.with_name("pretrain.ckpt-aaaa")
+    assert (aside / "step-000010.ckpt").read_bytes() == b"weights of config a", "kept, on the linked filesystem"
+    assert ckpt_dir.is_symlink() and f"kept them at {aside}" in capsys.readouterr().out
+    elsewhere.mkdir()  # what the contract does next: config b's run checkpoints through the same link
+    write_json(ckpt_dir / RESUME_STATE, {"mlflow_run_id": "run-b", "config_hash": "bbbb"})
+
+    assert resumable_run(ckpt_dir, "aaaa") == ("run-a", "run-b"), "config a again resumes its own run"
+    assert (ckpt_dir / "step-000010.ckpt").read_bytes() == b"weights of config a" and ckpt_dir.is_symlink()
+    assert (elsewhere.with_name("pretrain.ckpt-bbbb") / RESUME_STATE).is_file()

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 
 from pipeline.errors import BadInput
 from pipeline.evaluate.perplexity import LogitsFn
+from pipeline.model.gpt import unpickling_refused
 from pipeline.model.io import TOKENIZER, load_pretrained, model_kind
 from pipeline.tokenizer.build import token_id
 
@@ -61,7 +62,9 @@ def transformers_model(name: str, directory: Path, prefix_token: Optional[str], 
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True,
                                                      trust_remote_code=False).to(device).eval()
-    except (OSError, ValueError, pickle.UnpicklingError) as e:  # a .bin that unpickles more than weights
+    except pickle.UnpicklingError as e:  # a pytorch_model.bin that unpickles more than weights (not run)
+        raise unpickling_refused(directory, e) from None
+    except (OSError, ValueError) as e:
         raise BadInput(f"{directory}: transformers cannot load it as a causal LM: {str(e).splitlines()[0]}") from e
     tokenizer = Tokenizer.from_file(str(directory / TOKENIZER))
     if prefix_token is not None:

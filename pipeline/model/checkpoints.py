@@ -58,7 +58,10 @@ def latest_checkpoint(directory: Path, set_aside_broken: bool = False) -> Option
     for path in broken:
         note = ""
         if set_aside_broken:
-            os.replace(path, path.with_name(path.name + ".broken"))
+            try:
+                os.replace(path, path.with_name(path.name + ".broken"))
+            except FileNotFoundError:  # another rank of a distributed job did it first
+                pass
             note = f"; renamed to {path.name}.broken"
         print(f"{path} is not a whole checkpoint (truncated or unreadable){note}; "
               f"{f'using {newest.name} instead' if newest else 'no older checkpoint is intact'}",

@@ -116,7 +116,7 @@ def keep_checkpoints(checkpoint_dir: Path, out_dir: Path) -> list[str]:
         try:
             os.link(path, target)
         except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):  # another filesystem, or no hard links there
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EEXIST):  # else another filesystem or no hard links: copy
                 raise
             tmp = target.with_name(target.name + ".tmp")
             shutil.copyfile(path, tmp)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from pipeline.data.shards import ShardWriter, open_shards, token_dtype
 from pipeline.data.sources import SourceSpec, infer_format, load_documents, resolve_files
-from pipeline.errors import BadInput, check
+from pipeline.errors import BadInput, check, shown_path
 from pipeline.tokenizer.build import vocab_bound
 
 TRAIN, VAL, EMPTY = 0, 1, -1
@@ -66,12 +66,6 @@ def interleave(docs: datasets.Dataset, seed: int) -> datasets.Dataset:
     return docs.shuffle(seed=seed).flatten_indices()
 
 
-def _shown(path: Path) -> str:
-    """``path`` relative to the working directory when it lies below it (outputs/demo/...), else absolute."""
-    path = Path(path).absolute()
-    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
-
-
 def _holds_text(files: list[str], fmt: str) -> bool:
     """Whether any of ``files`` has a row (Parquet) or a non-blank character (JSON, text); reads only until it
     finds one, because datasets fails on such files with an error that does not say they are empty."""
@@ -108,7 +102,7 @@ def refuse_empty_sources(sources: Mapping[str, SourceSpec], upstream: Mapping[st
                 top = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items(), key=lambda rn: -rn[1])[:3] if n)
                 top = top or ("its own input was empty" if counts.get("input") == 0 else "")
                 raise BadInput(f"{where}: the {spec.stage} stage kept 0 of {counts.get('input', '?')} documents"
-                               f"{f' ({top})' if top else ''}, so there is nothing to tokenize; see {_shown(path)}")
+                               f"{f' ({top})' if top else ''}, so there is nothing to tokenize; see {shown_path(path)}")
             continue
         files = resolve_files(name, spec.path)
         if not _holds_text(files, spec.format or infer_format(name, files)):

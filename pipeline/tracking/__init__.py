@@ -41,9 +41,9 @@ REACHABLE_TIMEOUT_S = 5.0
 _answered: set[str] = set()  # http(s) tracking URIs whose server answered in this process
 
 
-def check_reachable(uri: str, timeout_s: Optional[float] = None) -> None:
+def check_reachable(uri: str) -> None:
     """Raise a one-line PipelineError when the http(s) tracking server at ``uri`` does not answer within
-    ``timeout_s`` (REACHABLE_TIMEOUT_S): MLflow's own retries take minutes to give up, and end in a long traceback.
+    REACHABLE_TIMEOUT_S seconds: MLflow's own retries take minutes to give up, and end in a long traceback.
 
     Any HTTP reply counts (even 401 or 404): this asks whether a server is there, not whether it is healthy
     or lets us in, which MLflow then reports itself. Other URIs (sqlite, file) are left to MLflow.
@@ -57,7 +57,7 @@ def check_reachable(uri: str, timeout_s: Optional[float] = None) -> None:
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https") or uri in _answered:
         return
-    timeout_s = REACHABLE_TIMEOUT_S if timeout_s is None else timeout_s
+    timeout_s = REACHABLE_TIMEOUT_S
     host = parts.hostname or ""
     try:
         port = parts.port
@@ -74,7 +74,9 @@ def check_reachable(uri: str, timeout_s: Optional[float] = None) -> None:
         pass  # a server answered
     except (OSError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", None) or e
-        raise PipelineError(f"the MLflow tracking server at {shown} does not answer within {timeout_s:g} s "
+        if isinstance(reason, ssl.SSLError):
+            return  # a TLS server answered (one that wants a client certificate, say): MLflow takes it from here
+        raise PipelineError(f"the MLflow tracking server at {shown} cannot be reached (waited up to {timeout_s:g} s) "
                             f"({reason}): start it (mlflow server --host ... --port ...), or set tracking.uri or "
                             f"MLFLOW_TRACKING_URI to one that runs, or use the local store (tracking=sqlite)") from None
     _answered.add(uri)

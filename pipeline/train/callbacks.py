@@ -45,7 +45,7 @@ class Checkpointer(pl.Callback):
             return path
         tmp = path.with_name(path.name + ".tmp")
         try:
-            trainer.save_checkpoint(tmp)  # every rank takes part; rank 0 writes
+            trainer.save_checkpoint(tmp, weights_only=False)  # every rank takes part; rank 0 writes
         except BaseException:
             tmp.unlink(missing_ok=True)  # on a full disk, the space to record the failure
             raise
@@ -105,7 +105,8 @@ class FiniteLossGuard(pl.Callback):
             last = self.checkpointer.last
             raise NonFiniteLoss(f"the training loss is {float(loss)} at step {trainer.global_step}; the last good "
                                 f"checkpoint is {last or 'none (no checkpoint written yet)'}. Lower the learning rate "
-                                f"or raise warmup_steps, then resume or start afresh")
+                                f"or raise warmup_steps and run again (a new config: it starts afresh, and these "
+                                f"checkpoints are kept aside)")
 
 
 class TrainMetrics(pl.Callback):

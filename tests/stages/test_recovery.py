@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import time
 import uuid
 from pathlib import Path
@@ -90,17 +89,22 @@ def test_a_changed_config_after_a_sigkill_keeps_the_checkpoints_and_ends_the_old
     experiment = f"sigkill-{uuid.uuid4().hex[:6]}"
     root = tmp_path / "out"
     _link_tokenize(outputs, root)
-    steps = ["pretrain.max_steps=40", "pretrain.log_every_steps=1", "pretrain.sample_every_steps=0",
-             "pretrain.export=false", f"paths.outputs_dir={root}"]
+    steps = ["pretrain.max_steps=60", "pretrain.ckpt_every_steps=20", "pretrain.log_every_steps=1",
+             "pretrain.sample_every_steps=0", "pretrain.export=false", f"paths.outputs_dir={root}"]
     proc = _cli(outputs, tracking_uri, experiment, data_dir, *steps)
     ckpt_dir = root / "demo" / "pretrain.ckpt"
-    deadline = time.time() + 300
-    while not (ckpt_dir / "step-000020.ckpt").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-20 checkpoint"
-        time.sleep(0.02)
-    time.sleep(0.5)  # a few steps past the checkpoint, logged but not saved
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(60)
+    try:
+        deadline = time.time() + 300
+        while not (ckpt_dir / "step-000020.ckpt").exists():
+            assert proc.poll() is None and time.time() < deadline, "the run ended before its step-20 checkpoint"
+            time.sleep(0.02)
+        (killed,) = mlflow_runs(tracking_uri, experiment)
+        while max(_steps(tracking_uri, killed.info.run_id, "train/loss"), default=0) < 23:
+            assert proc.poll() is None and time.time() < deadline, "the run ended before step 23"
+            time.sleep(0.01)
+    finally:
+        proc.kill()  # SIGKILL: a few steps past the checkpoint, logged but not saved
+        proc.wait(60)
     (killed,) = mlflow_runs(tracking_uri, experiment)
     assert killed.info.status == "RUNNING", "nothing could close it"
     logged = max(_steps(tracking_uri, killed.info.run_id, "train/loss"))
@@ -112,21 +116,20 @@ def test_a_changed_config_after_a_sigkill_keeps_the_checkpoints_and_ends_the_old
     execute_stage("pretrain", load_stage("pretrain"), lowered)
     said = capsys.readouterr().out
     (aside,) = root.joinpath("demo").glob("pretrain.ckpt-*")
-    assert f"kept them at {os.path.relpath(aside)}" in said
+    assert f"kept them at {aside}" in said
     assert sorted(p.name for p in aside.glob("step-*.ckpt")) == saved, "the old config's checkpoints are kept"
     runs = {r.info.run_id: r for r in mlflow_runs(tracking_uri, experiment)}
     assert runs[killed.info.run_id].info.status == "KILLED"
     assert sum(r.info.status == "FINISHED" for r in runs.values()) == 1
 
-    # Renamed back, the old checkpoints resume the old run, and the steps it logged are not logged twice.
-    (root / "demo" / "pretrain").rename(root / "lowered")
-    aside.rename(ckpt_dir)
+    # The old config again: its checkpoints move back and resume its run; the steps it logged are logged once.
     original = _compose(outputs, tracking_uri, experiment, data_dir, *steps)
     manifest = execute_stage("pretrain", load_stage("pretrain"), original)
+    assert f"{aside} holds this config's checkpoints" in capsys.readouterr().out and not aside.exists()
     assert manifest["mlflow_run_id"] == killed.info.run_id
     resumed = _steps(tracking_uri, killed.info.run_id, "train/loss")
     assert int(saved[-1][5:11]) < logged, "the kill landed after steps the checkpoint does not hold"
-    assert sorted(resumed) == list(range(1, 41)), "every step once"
+    assert sorted(resumed) == list(range(1, 61)), "every step once"
 
 
 def test_checkpoints_on_another_filesystem_are_published(outputs, tracking_uri, experiment, data_dir, tmp_path):
@@ -153,7 +156,10 @@ def test_a_full_disk_at_a_checkpoint_fails_the_run_in_one_line(outputs, tracking
         uri = f"sqlite:///{small}/mlflow.db" if store_on_full_disk else tracking_uri
         proc = _cli(outputs, uri, experiment, data_dir, f"paths.outputs_dir={small}", "pretrain.ckpt_every_steps=1",
                     "pretrain.keep_checkpoints=100", "pretrain.sample_every_steps=0")
-        out = proc.communicate(timeout=600)[0]
+        try:
+            out = proc.communicate(timeout=600)[0]
+        finally:
+            proc.kill()  # nothing keeps writing to the filesystem about to be unmounted
         assert proc.returncode == 1, out[-3000:]
         (said,) = [line for line in out.splitlines() if line.startswith("error: ")]
         assert "ENOSPC" in said and "pretrain.ckpt/step-" in said, out[-3000:]
