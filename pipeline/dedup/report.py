@@ -14,7 +14,7 @@ from pipeline.dedup.run import LEVELS
 
 # statistics of deduplicate() logged as they are, as dedup/<level>/<name> (near_pairs -> dedup/near/pairs)
 LOGGED_STATS = ("near_pairs", "near_too_short", "near_indexed", "near_signature_docs_per_s", "near_index_seconds",
-                "url_missing", "lines_frequent", "lines_removed")
+                "url_missing", "lines_frequent", "lines_removed", "lines_headings_kept")
 SUMMARY_KEYS = ("threshold", "bands", "rows", "verify", "documents", "planted", "sampled_documents", "overall",
                 "real", "planted_pairs", "by_edit_rate")
 
@@ -52,16 +52,18 @@ def dedup_counts(stats: dict) -> dict:
               "cluster_sizes": {str(k): v for k, v in stats["cluster_sizes"].items()},
               "near": {k: stats[k] for k in ("near_bands", "near_rows", "near_pairs", "near_indexed", "near_too_short")
                        if k in stats},
-              "lines": {k: stats[k] for k in ("lines_frequent", "lines_removed") if k in stats}}
+              "lines": {k: stats[k] for k in ("lines_frequent", "lines_removed", "lines_headings_kept") if k in stats}}
     assert counts["kept"] + counts["removed"] == counts["input"] and set(stats["removed"]) == set(LEVELS), counts
     return counts
 
 
 def write_dedup_reports(stats: dict, out_dir: Path) -> list[Path]:
-    """boilerplate_lines.json (the most frequent removed lines) and clusters.png, in ``out_dir``."""
+    """boilerplate_lines.json (the most frequent lines removed, and those kept as section headings) and
+    clusters.png, in ``out_dir``."""
     lines = Path(out_dir) / "boilerplate_lines.json"
-    lines.write_text(json.dumps([{"line": line, "documents": n} for line, n in stats.get("lines_top", [])],
-                                indent=1, ensure_ascii=False) + "\n")
+    listed = {part: [{"line": line, "documents": n} for line, n in stats.get(key, [])]
+              for part, key in (("removed", "lines_top"), ("kept_headings", "lines_headings_top"))}
+    lines.write_text(json.dumps(listed, indent=1, ensure_ascii=False) + "\n")
     return [lines, plot_clusters(stats["cluster_sizes"], stats["removed"], Path(out_dir) / "clusters.png")]
 
 

@@ -211,15 +211,18 @@ def deduplicate(table: pa.Table, spec: DedupSpec, label: str = "dedup input", pr
     if spec.lines.enabled:
         survivors = np.nonzero(alive)[0]
         frequent = frequent_lines([texts[i] for i in survivors], spec.lines, progress=progress)
-        emptied = []
+        emptied, headings_kept = [], 0
         for i in survivors:
-            texts[i], lines_removed[i] = remove_lines(texts[i], frequent, spec.lines)
+            texts[i], lines_removed[i], headings = remove_lines(texts[i], frequent, spec.lines)
+            headings_kept += headings
             if len(texts[i].strip()) < spec.lines.min_chars:
                 emptied.append(i)
         remove(np.array(emptied, np.int64), "lines")
-        stats["lines_frequent"] = len(frequent)
+        stats["lines_frequent"] = len(frequent.boilerplate)
         stats["lines_removed"] = int(lines_removed.sum())
-        stats["lines_top"] = frequent.most_common(spec.lines.report_top)
+        stats["lines_headings_kept"] = headings_kept  # lines that recur but were kept as section headings
+        stats["lines_top"] = frequent.boilerplate.most_common(spec.lines.report_top)
+        stats["lines_headings_top"] = frequent.headings.most_common(spec.lines.report_top)
 
     # Clusters across levels: a removed document belongs to the cluster of the document finally kept.
     root = np.where(dup_of >= 0, dup_of, np.arange(n))

@@ -69,8 +69,10 @@ def test_metrics_and_counts_account_for_every_document(filter_dir, tmp_path):
     assert metrics["dedup/kept_fraction"] == 29 / 30 and metrics["dedup/clusters"] == 1
     assert metrics["dedup/largest_cluster"] == 2 and metrics["dedup/near/pairs"] == 0
     assert metrics["dedup/url/missing"] == 30 and "dedup/lines/removed" in metrics
+    assert metrics["dedup/lines/headings_kept"] == 0 == counts["lines"]["lines_headings_kept"]
     lines, plot = write_dedup_reports(stats, tmp_path)
-    assert json.loads(lines.read_text()) == [] and plot.name == "clusters.png" and plot.stat().st_size > 0
+    assert json.loads(lines.read_text()) == {"removed": [], "kept_headings": []}
+    assert plot.name == "clusters.png" and plot.stat().st_size > 0
 
 
 def test_evaluation_metrics_leave_out_what_cannot_be_measured():
