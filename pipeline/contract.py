@@ -8,6 +8,9 @@ A stage module provides
     run(cfg, ctx) -> StageResult, writing only into ctx.build_dir,
     RESUMABLE = True, optionally: it checkpoints into ctx.checkpoint_dir, which outlives a failed or killed
               execution; the next execution with the same config hash resumes there, in the same MLflow run.
+    fingerprint(cfg) -> {path: sha256}, optionally: the files the config names whose contents define the output
+              (word lists), hashed with the config and written to the manifest.
+``ctx.published`` is the output this build will replace (of any config), for a stage that can reuse it.
 ``cfg`` is a ``StageConfig``: the typed sections named in SECTIONS and RUNTIME and nothing else, so a
 stage cannot read a key its config hash does not account for.
 """
@@ -61,6 +64,7 @@ class StageContext:
     run: StageRun
     cache_dir: Path
     checkpoint_dir: Optional[Path] = None  # resumable stages: survives a kill, removed after success
+    published: Optional[Path] = None  # the stage's current output (any config), which this build will replace
     resumed: bool = False  # the MLflow run and checkpoints come from an earlier, interrupted execution
     rank: int = 0  # a distributed job's other ranks run the stage with a scratch build_dir and no tracking
 
@@ -286,7 +290,9 @@ def execute_stage(stage: str, module: ModuleType, cfg: RootConfig, out_dir: Opti
         return {}
     sections = {key: as_plain(getattr(cfg, key)) for key in module.SECTIONS}
     inputs = {name: read_upstream(outputs_dir, cfg.name, name) for name in module.upstream(section)}
-    chash = config_hash({"config": sections, "inputs": {n: u.hash for n, u in inputs.items()}})
+    files = module.fingerprint(section) if hasattr(module, "fingerprint") else {}
+    chash = config_hash({"config": sections, "inputs": {n: u.hash for n, u in inputs.items()},
+                         **({"files": files} if files else {})})
     commit = git_commit()
     tags = {"stage": stage, "config_hash": chash, "git_commit": commit, "mlflow.source.git.commit": commit,
             **{f"upstream.{n}.run_id": u.run_id or "" for n, u in inputs.items()}, **(extra_tags or {})}
@@ -312,7 +318,7 @@ def execute_stage(stage: str, module: ModuleType, cfg: RootConfig, out_dir: Opti
                     run.log_text(OmegaConf.to_yaml(as_plain(cfg)), "config.yaml")
                 deferred = True  # _build blocks signals once the manifest is written
                 _build(stage, module, cfg, section, final_dir, inputs, run, ckpt_dir, resume_id is not None, chash, commit,
-                       started, sections)
+                       started, sections, files)
             if resumable:
                 remove_checkpoints(ckpt_dir)
     finally:
@@ -323,11 +329,12 @@ def execute_stage(stage: str, module: ModuleType, cfg: RootConfig, out_dir: Opti
 
 def _build(stage: str, module: ModuleType, cfg: RootConfig, section: StageConfig, final_dir: Path, inputs: dict[str, Upstream],
            run: StageRun, ckpt_dir: Optional[Path], resumed: bool, chash: str, commit: str, started: float,
-           sections: dict) -> None:
+           sections: dict, files: dict) -> None:
     """Run the stage into a build directory, write its manifest last, then block signals for the swap."""
     with building(final_dir) as build_dir:
         ctx = StageContext(build_dir=build_dir, inputs=inputs, run=run, cache_dir=Path(cfg.paths.cache_dir),
-                           checkpoint_dir=ckpt_dir, resumed=resumed)
+                           checkpoint_dir=ckpt_dir, resumed=resumed,
+                           published=final_dir if (final_dir / MANIFEST).is_file() else None)
         result = module.run(section, ctx)
         run.log_metrics(result.metrics, step=result.step)
         for warning in result.warnings:
@@ -339,6 +346,7 @@ def _build(stage: str, module: ModuleType, cfg: RootConfig, section: StageConfig
             "experiment": cfg.name,
             "config_hash": chash,
             "config": sections,
+            **({"files": files} if files else {}),
             "inputs": {n: {"dir": str(u.dir), "manifest_sha256": u.hash, "mlflow_run_id": u.run_id}
                        for n, u in inputs.items()},
             "counts": result.counts,

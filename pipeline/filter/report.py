@@ -6,8 +6,8 @@ from pathlib import Path
 
 from pipeline.filter.plots import plot_funnel
 
-OUTPUTS = {"kept": "kept/*.parquet", "rejected": "rejected/*.parquet", "plot": "funnel.png",
-           "rejected_samples": "rejected_samples.json"}
+OUTPUTS = {"kept": "kept/*.parquet", "rejected": "rejected/*.parquet", "scores": "scores/*.parquet",
+           "plot": "funnel.png", "rejected_samples": "rejected_samples.json"}
 
 
 def filter_metrics(stats: dict) -> dict[str, float]:
@@ -20,7 +20,8 @@ def filter_metrics(stats: dict) -> dict[str, float]:
             **{f"filter/pii_{kind}": n for kind, n in stats["pii"].items()},
             **{f"filter/removed/{rule}": n for rule, n in stats["rules"].items()},
             **{f"filter/removed_fraction/{rule}": n / max(n_in, 1) for rule, n in stats["rules"].items()},
-            **{f"filter/left_after/{step}": n for step, n in stats["funnel"][1:]}}
+            **{f"filter/left_after/{step}": n for step, n in stats["funnel"][1:]},
+            **{f"filter/c4_lines_removed/{rule}": n for rule, n in stats["c4_lines_removed"].items()}}
 
 
 def filter_warnings(stats: dict) -> list[str]:
@@ -39,7 +40,8 @@ def filter_counts(stats: dict) -> dict:
     n_in = sum(s["input"] for s in stats["per_source"].values())
     n_kept = sum(s["kept"] for s in stats["per_source"].values())
     return {"input": n_in, "kept": n_kept, "rejected": n_in - n_kept, "per_source": stats["per_source"],
-            "rejected_by_rule": stats["rules"], "pii_redacted": stats["pii"], "funnel": dict(stats["funnel"])}
+            "rejected_by_rule": stats["rules"], "pii_redacted": stats["pii"], "funnel": dict(stats["funnel"]),
+            "c4_lines_removed": stats["c4_lines_removed"], "scores": stats["scores"]}
 
 
 def write_filter_reports(stats: dict, out_dir: Path) -> list[Path]:

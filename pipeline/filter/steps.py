@@ -2,27 +2,32 @@
 
 ``build_steps`` turns a ``StepsSpec`` into the ordered list, leaving switched-off steps out:
 
-    read -> urls -> extract -> langid -> quality (gopher, then c4) -> toxicity -> pii
+    read -> urls -> extract -> langid -> score -> thresholds (gopher, c4, toxicity) -> pii
 
 A step is called with a ``Doc`` and returns ``KEEP`` (None) or a ``Drop`` that names the rule, the
 measured value, the limit and a detail. It may enrich the document on the way (extracted text,
-language, metrics, toxic words, redacted text). The caller runs the steps in order, stops at the
+language, scores, redacted text). ``score`` measures every quality rule's value and never drops;
+``thresholds`` judges those values, so stored scores can be judged again with other thresholds by
+the steps from ``thresholds`` on (``after_scoring``). The caller runs the steps in order, stops at the
 first drop and does the bookkeeping: it counts reasons, writes rejected documents with theirs and
 computes the funnel. Optional packages are imported when a step is built, so a missing or broken
 install fails at once, naming what to install, instead of rejecting every page.
 """
 from __future__ import annotations
 
+import os
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Protocol
+from typing import Dict, Iterator, List, Optional, Protocol, Sequence
 
 from pipeline.errors import PipelineError, check
 from pipeline.filter.extract import PIP, TEXT_TYPES, Engine, ExtractSpec, UndecodableError, decode_html, html_to_text
 from pipeline.filter.langid import LangIdSpec, identify, known_languages
 from pipeline.filter.pii import PiiSpec, redact
-from pipeline.filter.quality import (C4Spec, GopherSpec, count_listed, document_metrics, first_failure, listed_hits,
-                                     load_word_list, normalise_words, rules)
+from pipeline.filter.quality import THRESHOLD_KEYS as QUALITY_THRESHOLDS
+from pipeline.filter.quality import (BadWords, C4Spec, GopherSpec, c4_text, count_listed, document_metrics,
+                                     first_failure, listed_hits, load_word_list, normalise_words, rules)
 from pipeline.filter.records import Record
 from pipeline.filter.urls import UrlSpec, build_lists
 
@@ -61,6 +66,21 @@ class StepsSpec:
               self.max_document_bytes, "at least 1 or null")
 
 
+# The keys that only compare a stored score with a limit: a change is applied to stored scores, nothing is re-read.
+THRESHOLD_KEYS = {**QUALITY_THRESHOLDS, "toxicity": {"min_hits", "reject"}}
+
+
+def list_files(spec: StepsSpec) -> List[str]:
+    """The files whose contents the steps read besides the input: word lists and URL lists."""
+    paths = [*spec.urls.blocklist_files, *spec.urls.optout_files]
+    if spec.toxicity.words_file:
+        paths.append(spec.toxicity.words_file)
+    if spec.c4.bad_words:
+        d = spec.c4.bad_words
+        paths += sorted(os.path.join(d, n) for n in os.listdir(d)) if os.path.isdir(d) else [d]
+    return paths
+
+
 @dataclass
 class Doc:
     """One record on its way through the steps, with what they found out about it."""
@@ -69,10 +89,20 @@ class Doc:
     text: Optional[str] = None  # set by extract; redacted by pii
     lang: Optional[str] = None
     lang_score: Optional[float] = None
+    scored: bool = False  # set by score: the document reached the quality rules
     metrics: Dict[str, Optional[float]] = field(default_factory=dict)
+    c4_lines: Optional[List[int]] = None  # the lines C4 keeps (indices in text.splitlines()); None: C4 is off
     toxic_words: int = 0
     toxic: bool = False
+    redacted: Optional[str] = None  # set by pii: the kept text with placeholders
     pii: Dict[str, int] = field(default_factory=dict)  # kind -> placeholders put in
+
+    @property
+    def kept_text(self) -> str:
+        """The text a kept document is written with: after C4's line removal, and redacted."""
+        if self.redacted is not None:
+            return self.redacted
+        return self.text if self.c4_lines is None else c4_text(self.text, self.c4_lines)
 
 
 @dataclass(frozen=True)
@@ -187,46 +217,59 @@ class LanguageId:
         return KEEP
 
 
-class QualityRules:
-    """Gopher's and C4's rules: measures every metric once (``doc.metrics``), drops on the first rule broken.
+class Score:
+    """Measures every quality rule's value (``doc.metrics``), C4's kept lines and the toxic words; never drops.
 
-    One step for both rule sets, so a rejected document keeps all its measurements whichever rule
-    removed it; its rule names still say which set (gopher.* or c4.*), and so does the funnel.
+    Gopher judges the page as extracted; C4 removes lines and judges what is left, which is also the
+    text the toxic words are counted in and the one a kept document is written with.
     """
 
-    name = "quality"
+    name = "score"
 
-    def __init__(self, gopher: Optional[GopherSpec], c4: Optional[C4Spec]):
-        self.gopher, self.c4 = gopher, c4
-        self.bad_words = load_word_list(c4.bad_words_file) if c4 and c4.bad_words_file else []
-        self.rules = rules(gopher, c4)
+    def __init__(self, gopher: Optional[GopherSpec], c4: Optional[C4Spec], toxic_words: List[str],
+                 languages: Sequence[str] = ()):
+        self.gopher, self.c4, self.toxic_words = gopher, c4, toxic_words
+        self.bad_words = BadWords(c4.bad_words, preload=languages) if c4 and c4.bad_words else None
 
     def metric_names(self) -> List[str]:
-        return list(document_metrics("a b", "en", self.gopher, self.c4, ["x"] if self.bad_words else []))
+        return list(document_metrics("a b", "en", self.gopher, self.c4, self.bad_words)[0])
 
     def __call__(self, doc: Doc) -> Optional[Drop]:
-        doc.metrics = document_metrics(doc.text, doc.lang, self.gopher, self.c4, self.bad_words)
+        doc.scored = True
+        doc.metrics, page = document_metrics(doc.text, doc.lang, self.gopher, self.c4, self.bad_words)
+        doc.c4_lines = None if page is None else page.kept
+        if self.toxic_words:
+            kept = doc.text if page is None else page.text
+            doc.toxic_words = count_listed(normalise_words(kept), kept.lower(), self.toxic_words)
+        return KEEP
+
+
+class Thresholds:
+    """Gopher's rules, then C4's, then the toxicity flag, judged on the scores; the first rule broken drops.
+
+    The rule names say which set (gopher.*, c4.*, toxicity.*), and so does the funnel. A rejected document
+    keeps all its measurements whichever rule removed it.
+    """
+
+    name = "thresholds"
+
+    def __init__(self, gopher: Optional[GopherSpec], c4: Optional[C4Spec], toxicity: ToxicitySpec,
+                 bad_words: Optional[BadWords], toxic_words: List[str]):
+        self.rules = rules(gopher, c4)
+        self.toxicity = toxicity if toxic_words else None
+        self.bad_words, self.toxic_words = bad_words, toxic_words
+
+    def __call__(self, doc: Doc) -> Optional[Drop]:
         failed = first_failure(doc.metrics, self.rules)
-        if failed is None:
-            return KEEP
-        detail = which_words(doc.text, self.bad_words) if failed.name == "c4.bad_words" else ""
-        return Drop(failed.name, value=doc.metrics[failed.metric], limit=failed.limit, detail=detail)
-
-
-class ToxicWords:
-    """Counts listed toxic words (``doc.toxic_words``, ``doc.toxic``); drops flagged documents if asked to."""
-
-    name = "toxicity"
-
-    def __init__(self, spec: ToxicitySpec, words: List[str]):
-        self.spec, self.words = spec, words
-
-    def __call__(self, doc: Doc) -> Optional[Drop]:
-        doc.toxic_words = count_listed(normalise_words(doc.text), doc.text.lower(), self.words)
-        doc.toxic = doc.toxic_words >= self.spec.min_hits
-        if self.spec.reject and doc.toxic:
-            return Drop("toxicity.words", value=doc.toxic_words, limit=self.spec.min_hits,
-                        detail=which_words(doc.text, self.words))
+        if failed is not None:
+            detail = ", ".join(_commonest(self.bad_words.find(doc.kept_text, doc.lang) or [])) \
+                if failed.name == "c4.bad_words" else ""
+            return Drop(failed.name, value=doc.metrics[failed.metric], limit=failed.limit, detail=detail)
+        if self.toxicity is not None:
+            doc.toxic = doc.toxic_words >= self.toxicity.min_hits
+            if self.toxicity.reject and doc.toxic:
+                return Drop("toxicity.words", value=doc.toxic_words, limit=self.toxicity.min_hits,
+                            detail=which_words(doc.kept_text, self.toxic_words))
         return KEEP
 
 
@@ -239,7 +282,7 @@ class RedactPii:
         self.spec = spec
 
     def __call__(self, doc: Doc) -> Optional[Drop]:
-        doc.text, doc.pii = redact(doc.text, self.spec)
+        doc.redacted, doc.pii = redact(doc.kept_text, self.spec)
         return KEEP
 
 
@@ -251,13 +294,18 @@ def build_steps(spec: StepsSpec) -> List[Step]:
     steps.append(Extract(spec.extract))  # always: the later steps need text (enabled: false keeps the HTML)
     if spec.langid.enabled:
         steps.append(LanguageId(spec.langid))
+    steps += after_scoring_steps(spec, score=True)
+    return steps
+
+
+def after_scoring_steps(spec: StepsSpec, score: bool = False) -> List[Step]:
+    """The steps that judge stored scores: thresholds and pii (with ``score``, the score step before them)."""
     gopher = spec.gopher if spec.gopher.enabled else None
     c4 = spec.c4 if spec.c4.enabled else None
-    if gopher or c4:
-        steps.append(QualityRules(gopher, c4))
     toxic = load_word_list(spec.toxicity.words_file) if spec.toxicity.enabled and spec.toxicity.words_file else []
-    if toxic:
-        steps.append(ToxicWords(spec.toxicity, toxic))
+    scorer = Score(gopher, c4, toxic, spec.langid.languages if spec.langid.enabled else ())
+    steps: List[Step] = [scorer] if score else []
+    steps.append(Thresholds(gopher, c4, spec.toxicity, scorer.bad_words, toxic))
     if spec.pii.enabled:
         steps.append(RedactPii(spec.pii))  # last: only kept documents are redacted
     return steps
@@ -274,14 +322,17 @@ def first_drop(steps: List[Step], doc: Doc) -> Optional[Drop]:
 
 def metric_names(steps: List[Step]) -> List[str]:
     """The names in ``Doc.metrics``; at least "words", so the Parquet struct of metrics is never empty."""
-    quality = next((s for s in steps if isinstance(s, QualityRules)), QualityRules(None, None))
-    return quality.metric_names()
+    return next(s for s in steps if isinstance(s, Score)).metric_names()
 
 
 def which_words(text: str, listed: List[str]) -> str:
     """The listed words and phrases found in ``text``, commonest first: "spam (3), scam (1)"."""
     hits = listed_hits(normalise_words(text), text.lower(), listed)
     return ", ".join(f"{w} ({n})" for w, n in hits.most_common(10))
+
+
+def _commonest(found: List[str]) -> List[str]:
+    return [f"{w} ({n})" for w, n in Counter(found).most_common(10)]
 
 
 @contextmanager

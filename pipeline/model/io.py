@@ -8,9 +8,7 @@ transformers export (hf/) that ``AutoModelForCausalLM`` loads offline.
 """
 from __future__ import annotations
 
-import errno
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Mapping, Optional
 from torch import nn
 
 from pipeline.errors import BadInput
+from pipeline.files import link_or_copy
 from pipeline.model.checkpoints import checkpoints
 from pipeline.model.gpt import GPT, MODEL_FILE, load_model, save_model
 
@@ -112,15 +111,7 @@ def keep_checkpoints(checkpoint_dir: Path, out_dir: Path) -> list[str]:
     """
     out_dir.mkdir()
     for path in checkpoints(checkpoint_dir):
-        target = out_dir / path.name
-        try:
-            os.link(path, target)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EEXIST):  # else another filesystem or no hard links: copy
-                raise
-            tmp = target.with_name(target.name + ".tmp")
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, target)
+        link_or_copy(path, out_dir / path.name)
     return sorted(p.name for p in out_dir.iterdir())
 
 

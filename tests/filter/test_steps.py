@@ -31,10 +31,10 @@ def test_steps_run_in_order_and_switched_off_ones_are_left_out(tmp_path):
     words = tmp_path / "toxic.txt"
     words.write_text("scumbag\n")
     every = build_steps(StepsSpec(toxicity=ToxicitySpec(words_file=str(words))))
-    assert [s.name for s in every] == ["read", "urls", "extract", "langid", "quality", "toxicity", "pii"]
+    assert [s.name for s in every] == ["read", "urls", "extract", "langid", "score", "thresholds", "pii"]
     off = build_steps(StepsSpec(urls=UrlSpec(enabled=False), langid=NO_LANGID, gopher=GopherSpec(enabled=False),
                                 c4=C4Spec(enabled=False), pii=PiiSpec(enabled=False)))
-    assert [s.name for s in off] == ["read", "extract"]  # no word list: no toxicity step either
+    assert [s.name for s in off] == ["read", "extract", "score", "thresholds"]  # scores: at least the word count
 
 
 def test_switched_off_steps_do_not_reject():
@@ -54,7 +54,7 @@ def test_a_read_error_is_dropped_with_the_readers_reason():
 def test_kept_documents_are_enriched_and_redacted():
     doc, drop = judge(build_steps(StepsSpec()), text=PROSE + " Write to jane.doe@example.org for the minutes.")
     assert drop is None and doc.lang == "en" and doc.lang_score > 0.9
-    assert doc.metrics["words"] > 50 and doc.pii["email"] == 1 and "<EMAIL>" in doc.text
+    assert doc.metrics["words"] > 50 and doc.pii["email"] == 1 and "<EMAIL>" in doc.kept_text
 
 
 def test_toxicity_flags_by_default_and_rejects_when_asked(tmp_path):
@@ -120,7 +120,7 @@ def test_an_unknown_language_code_fails_when_built():
     (lambda: GopherSpec(min_words=100, max_words=50), "max_words"),
     (lambda: GopherSpec(max_duplicate_line_fraction=1.2), "max_duplicate_line_fraction"),
     (lambda: GopherSpec(max_top_ngram_char_fraction={2: 2.0}), "max_top_ngram_char_fraction.2"),
-    (lambda: C4Spec(max_no_terminal_punct_line_fraction=1.5), "max_no_terminal_punct_line_fraction"),
+    (lambda: C4Spec(min_words_per_line=-1), "min_words_per_line"),
     (lambda: C4Spec(max_bad_words=-1), "max_bad_words"),
     (lambda: PiiSpec(min_phone_digits=12, max_phone_digits=9), "max_phone_digits"),
     (lambda: ToxicitySpec(min_hits=0), "min_hits"),

@@ -1,0 +1,20 @@
+"""File helpers shared by the library's packages."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` as ``dst`` (instant, no space); across filesystems or where links are not allowed, copy it
+    aside and rename, so ``dst`` is whole or absent. Any other error (a full disk, a missing folder) is raised."""
+    try:
+        os.link(src, dst)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+            raise
+        tmp = Path(dst).with_name(Path(dst).name + ".tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
