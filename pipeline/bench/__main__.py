@@ -10,10 +10,10 @@ from pathlib import Path
 from pipeline import PROJECT_ROOT
 from pipeline.errors import PipelineError
 
-BENCHMARKS = {"tokenize_encode": "pipeline.bench.tokenize_encode", "dedup_near": "pipeline.bench.dedup_near",
-              "dedup_memory": "pipeline.bench.dedup_memory", "pretrain_step": "pipeline.bench.pretrain_step",
-              "pretrain_budget": "pipeline.bench.pretrain_budget", "sft_lora": "pipeline.bench.sft_lora",
-              "filter_rules": "pipeline.bench.filter_rules", "filter_rethreshold": "pipeline.bench.filter_rethreshold"}
+BENCHMARKS = {"filter_rules": "pipeline.bench.filter_rules", "filter_rethreshold": "pipeline.bench.filter_rethreshold",
+              "dedup_near": "pipeline.bench.dedup_near", "dedup_memory": "pipeline.bench.dedup_memory",
+              "tokenize_encode": "pipeline.bench.tokenize_encode", "pretrain_step": "pipeline.bench.pretrain_step",
+              "pretrain_budget": "pipeline.bench.pretrain_budget", "sft_lora": "pipeline.bench.sft_lora"}
 
 
 def main() -> int:

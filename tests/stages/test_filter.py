@@ -103,6 +103,8 @@ def test_every_record_is_kept_or_rejected_with_its_rule(make_cfg, crawl, trackin
     assert run.info.status == "FINISHED" and run.data.tags["stage"] == "filter"
     assert run.data.metrics["filter/removed/urls.optout"] == len(optout)
     assert run.data.metrics["filter/kept_documents"] == c["kept"]
+    lines = c["c4_lines_removed"]  # C4's line rules removed menu and link lines from the real pages
+    assert lines["no_end_mark"] > 0 and run.data.metrics["filter/c4_lines_removed/no_end_mark"] == lines["no_end_mark"]
     artifacts = {a.path for a in MlflowClient(tracking_uri).list_artifacts(run.info.run_id)}
     assert {"funnel.png", "rejected_samples.json", MANIFEST} <= artifacts
     samples = json.loads((out / "rejected_samples.json").read_text())
