@@ -47,6 +47,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
+
 from pipeline.errors import BadInput, check
 
 # Gopher's stop-word rule: a document must hold at least two of these eight English words. The lists for
@@ -254,31 +256,45 @@ def _duplicates(items: List[str]) -> tuple[float, float]:
     return dup / len(items), dup_chars / max(sum(map(len, items)), 1)
 
 
-def _top_ngram_fraction(words: List[str], n: int, total_chars: int) -> float:
-    """All occurrences of the most frequent n-gram (the longest of those tied), as a share of the word characters;
-    0 when no n-gram occurs twice."""
-    if len(words) < n:
-        return 0.0
-    counts = Counter(zip(*(words[i:] for i in range(n))))
-    top = max(counts.values())
-    if top < 2:
-        return 0.0
-    chars = max(sum(map(len, gram)) for gram, c in counts.items() if c == top)
-    return min(top * chars / total_chars, 1.0)
+def _ngram_fractions(words: List[str], top: Sequence[int],
+                     duplicate: Sequence[int]) -> tuple[Dict[int, float], Dict[int, float]]:
+    """({n: the top n-gram's character fraction} for n in ``top``, {n: the duplicate n-grams'} for n in ``duplicate``).
 
+    Top: every occurrence of the most frequent n-gram (of those tied, the longest) over the characters
+    of all words; 0 when no n-gram occurs twice. Duplicate: the characters of the words covered by a
+    repeat of an earlier n-gram, each word once however many repeats overlap it.
 
-def _duplicate_ngram_fraction(words: List[str], n: int, total_chars: int) -> float:
-    """The characters of the words covered by a repeat of an earlier n-gram, each word counted once."""
-    if len(words) < n:
-        return 0.0
-    seen: set = set()
-    covered = bytearray(len(words))
-    for i, gram in enumerate(zip(*(words[j:] for j in range(n)))):
-        if gram in seen:
-            covered[i:i + n] = b"\x01" * n
-        else:
-            seen.add(gram)
-    return sum(len(w) for w, c in zip(words, covered) if c) / total_chars
+    N-grams are numbered class by class: the n-gram at i is the (n-1)-gram at i followed by word i+n-1,
+    so one integer sort per n finds equal n-grams exactly (on the demo pages 0.7 s instead of 3 s for
+    hashing word tuples).
+    """
+    top_out, dup_out = {n: 0.0 for n in top}, {n: 0.0 for n in duplicate}
+    count = len(words)
+    total = max(sum(map(len, words)), 1)
+    index: Dict[str, int] = {}
+    ids = np.fromiter((index.setdefault(w, len(index)) for w in words), dtype=np.int64, count=count)
+    ends = np.concatenate(([0], np.cumsum(np.fromiter(map(len, words), dtype=np.int64, count=count))))
+    lengths = np.diff(ends)
+    classes = ids
+    for n in range(1, max((*top, *duplicate), default=0) + 1):
+        if count < n:
+            break
+        keys = ids if n == 1 else classes[:-1] * count + ids[n - 1:]
+        _, first, classes = np.unique(keys, return_index=True, return_inverse=True)
+        if n in top:
+            counts = np.bincount(classes)
+            most = int(counts.max())
+            if most >= 2:
+                chars = int((ends[n:] - ends[:-n])[counts[classes] == most].max())
+                top_out[n] = min(most * chars / total, 1.0)
+        if n in duplicate:
+            repeats = np.nonzero(first[classes] != np.arange(len(classes)))[0]
+            if len(repeats):
+                covered = np.zeros(count + 1, dtype=np.int64)
+                np.add.at(covered, repeats, 1)
+                np.add.at(covered, repeats + n, -1)
+                dup_out[n] = int(lengths[np.cumsum(covered[:-1]) > 0].sum()) / total
+    return top_out, dup_out
 
 
 def gopher_metrics(text: str, lang: Optional[str], spec: GopherSpec) -> Dict[str, Optional[float]]:
@@ -300,11 +316,12 @@ def gopher_metrics(text: str, lang: Optional[str], spec: GopherSpec) -> Dict[str
     }
     m["duplicate_line_fraction"], m["duplicate_line_char_fraction"] = _duplicates(lines)
     m["duplicate_paragraph_fraction"], m["duplicate_paragraph_char_fraction"] = _duplicates(paragraphs)
-    total = max(word_chars, 1)
+    top, duplicate = _ngram_fractions(words, [int(k) for k in spec.max_top_ngram_char_fraction],
+                                      [int(k) for k in spec.max_duplicate_ngram_char_fraction])
     for k in spec.max_top_ngram_char_fraction:
-        m[f"top_{k}gram_char_fraction"] = _top_ngram_fraction(words, int(k), total)
+        m[f"top_{k}gram_char_fraction"] = top[int(k)]
     for k in spec.max_duplicate_ngram_char_fraction:
-        m[f"duplicate_{k}gram_char_fraction"] = _duplicate_ngram_fraction(words, int(k), total)
+        m[f"duplicate_{k}gram_char_fraction"] = duplicate[int(k)]
     return m
 
 
