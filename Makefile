@@ -15,6 +15,7 @@ PY := $(VENV)/bin/python
 # clone sets itself up on first use, and a changed pyproject.toml reinstalls.
 INSTALLED := $(VENV)/.installed
 OUTPUTS ?= outputs
+DATA := $(or $(PIPELINE_DATA_DIR),../shared/data)
 OUT := $(OUTPUTS)/$(EXP)
 STAGE = $(PY) -m pipeline
 MLFLOW_PORT ?= 5000
@@ -65,7 +66,8 @@ filter: $(OUT)/filter/manifest.json ## Extract, language-filter, quality-filter 
 
 $(eval $(call args_stamp,filter))
 $(OUT)/filter/manifest.json: $(OUT)/.args/filter $(COMMON) conf/filter.yaml $(wildcard conf/filter/*.yaml) \
-		$(wildcard conf/filter/wordlists/*) pipeline/stages/filter.py $(wildcard pipeline/filter/*.py)
+		$(wildcard conf/filter/wordlists/*) $(wildcard $(DATA)/wordlists/ldnoobw/*) pipeline/stages/filter.py \
+		$(wildcard pipeline/filter/*.py)
 	$(STAGE) filter $(STAGE_ARGS)
 
 inspect-filter: $(INSTALLED) ## Print a few rejected documents per rule (N=3, RULE=prefix) to judge the thresholds

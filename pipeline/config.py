@@ -70,6 +70,7 @@ class FilterConfig(StepsSpec):
     sources: Dict[str, Any] = field(default_factory=dict)  # name -> CrawlSource
     num_proc: int = 2  # worker processes; files are grouped into tasks of similar size
     samples_per_rule: int = 20  # rejected documents per rule kept as an MLflow artifact
+    reuse_scores: bool = True  # only thresholds changed: judge the stored scores again; false: always read and score
 
     def __post_init__(self):
         if hasattr(super(), "__post_init__"):

@@ -9,11 +9,11 @@ from pathlib import Path
 
 def link_or_copy(src: Path, dst: Path) -> None:
     """Hard-link ``src`` as ``dst`` (instant, no space); across filesystems or where links are not allowed, copy it
-    aside and rename, so ``dst`` is whole or absent. Any other error (a full disk, a missing folder) is raised."""
+    aside and rename, so ``dst`` is whole or absent. A full disk, an existing ``dst`` or a missing folder is raised."""
     try:
         os.link(src, dst)
     except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EEXIST, errno.ENOENT):
             raise
         tmp = Path(dst).with_name(Path(dst).name + ".tmp")
         shutil.copyfile(src, tmp)

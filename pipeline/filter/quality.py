@@ -36,7 +36,10 @@ ends followed by a space or the end of the line, at least one per kept line) ins
 Punkt model, which would have to be downloaded; bad words are matched on the whole kept text, per
 the document's language, as whole words or phrases (the multilingual mC4 code's matching), not line
 by line with the 2019 English build's ``[^a-z]`` boundaries, which missed a term at a line's start
-or end.
+or end; a document without an identified language (langid off) is judged with the English list, as
+C4's English corpus was. A page with both "lorem ipsum" and a curly brace is named ``c4.lorem_ipsum``
+where ``clean_page`` named whichever line came first (the verdict is the same). Empty lines are
+dropped without being counted.
 """
 from __future__ import annotations
 
@@ -140,11 +143,13 @@ class C4Spec:
         check(self.max_bad_words >= 0, "max_bad_words", self.max_bad_words, "at least 0")
 
 
-# The keys that only compare a stored measurement with a limit: changing them needs no new scores.
+# The keys that only compare a stored measurement with a limit: changing them needs no new scores. The sizes
+# of Gopher's n-gram rules (their dicts' keys) decide what is measured; only the limits are thresholds.
 THRESHOLD_KEYS = {
     "gopher": {f for f in GopherSpec.__dataclass_fields__ if f != "enabled"},
     "c4": {"min_sentences", "reject_lorem_ipsum", "reject_curly_braces", "max_bad_words"},
 }
+UNKNOWN_LANGUAGE = "en"  # the bad-word list for documents without an identified language (langid off), as C4/en
 
 
 @dataclass
@@ -203,6 +208,15 @@ def _trie_pattern(terms: Sequence[str]) -> str:
     return build(trie)
 
 
+def bad_word_lists(directory: str) -> Dict[str, str]:
+    """Language code -> list file in a bad-words directory: files named by a lower-case code (en, fil), so
+    LICENSE, regional variants (fr-CA-u-sd-caqc) and a clone's .git are left out."""
+    if not os.path.isdir(directory):
+        return {}
+    return {name: os.path.join(directory, name) for name in sorted(os.listdir(directory))
+            if name.islower() and name.isalpha() and os.path.isfile(os.path.join(directory, name))}
+
+
 class BadWords:
     """Bad-word lists by language; ``find`` returns the terms found in a text, as whole words or phrases.
 
@@ -214,11 +228,7 @@ class BadWords:
         if not os.path.isdir(directory):
             raise BadInput(f"config key 'filter.c4.bad_words': {directory} is not a directory of word lists "
                            f"(one file per language code, e.g. en, de)")
-        self.terms: Dict[str, List[str]] = {}
-        for lang in sorted(os.listdir(directory)):
-            path = os.path.join(directory, lang)
-            if os.path.isfile(path) and lang.islower() and lang.isalpha():  # not LICENSE, fr-CA-u-sd-caqc
-                self.terms[lang] = [t for t in load_word_list(path) if t]
+        self.terms = {lang: [t for t in load_word_list(path) if t] for lang, path in bad_word_lists(directory).items()}
         if not any(self.terms.values()):
             raise BadInput(f"config key 'filter.c4.bad_words': {directory} holds no word lists")
         self.patterns: Dict[str, Optional[re.Pattern]] = {}
@@ -234,8 +244,8 @@ class BadWords:
         return self.patterns[lang]
 
     def find(self, text: str, lang: Optional[str]) -> Optional[List[str]]:
-        """The terms found, in order (None: no list for ``lang``)."""
-        pattern = self._pattern((lang or "").split("-")[0])
+        """The terms found, in order (None: no list for ``lang``; no language at all: the English list)."""
+        pattern = self._pattern((lang or UNKNOWN_LANGUAGE).split("-")[0])
         return None if pattern is None else pattern.findall(text.lower())
 
 

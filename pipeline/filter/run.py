@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import json
 import os
 from collections import Counter, defaultdict
@@ -27,13 +28,15 @@ from pipeline.errors import BadInput, check, choice
 from pipeline.files import link_or_copy
 from pipeline.filter.records import Record, file_format, read_html, read_jsonl, read_parquet, read_warc
 from pipeline.filter.quality import C4_LINE_RULES
-from pipeline.filter.steps import (STEPS, Doc, Drop, Step, StepsSpec, after_scoring_steps, build_steps, first_drop,
-                                   metric_names)
+from pipeline.filter.steps import (STEPS, Doc, Drop, Step, StepsSpec, Thresholds, after_scoring_steps, build_steps,
+                                   first_drop, metric_names)
 
 FLUSH_ROWS = 500
 SAMPLE_CHARS = 2000
 SCORES = "scores"
 KEY_FILE = "KEY"  # in scores/: the scoring key the shards were made with
+REPORTING_CODE = ("inspect.py", "plots.py", "report.py")  # pipeline/filter/ modules the scores do not depend on
+SCORING_PACKAGES = ("resiliparse", "trafilatura", "py3langid")
 UNSCORED = "unscored"  # rejected/unscored-NNNNN.parquet: documents rejected before the quality rules
 RETHRESHOLD_ROWS_PER_PROCESS = 20_000  # on the demo, 480 scored documents take 0.3 s in-process; a pool adds 0.4 s
 SCORE_COLUMNS = ("id", "url", "source", "file", "record_id", "date", "lang", "lang_score", "metrics")
@@ -323,21 +326,42 @@ def rethreshold_task(args: tuple[int, List[InputFile]]) -> dict:
 
 def scores_key(scoring: dict, files: List[InputFile]) -> str:
     """What stored scores depend on: the settings that are not thresholds (``scoring``, with the contents of the
-    word lists), every input file's path, size and modification time, and the filter's code."""
-    code = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(__file__).parent.glob("*.py"))}
+    word lists), every input file's path, size and modification time, the filter's code and the versions of
+    the packages that extract text and identify languages."""
+    code = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(__file__).parent.glob("*.py"))
+            if p.name not in REPORTING_CODE}
     inputs = [(f.source, f.rel, f.size, os.stat(f.path).st_mtime_ns) for f in files]
-    blob = json.dumps({"scoring": scoring, "inputs": inputs, "code": code}, sort_keys=True, default=str)
+    blob = json.dumps({"scoring": scoring, "inputs": inputs, "code": code, "packages": _versions(SCORING_PACKAGES)},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def stored_scores(previous: Optional[Path], key: str) -> Optional[Path]:
-    """``previous`` if it holds scores made with ``key`` (same scoring settings, inputs and code), else None."""
-    if previous is None:
-        return None
+def _versions(packages: tuple[str, ...]) -> dict:
+    out = {}
+    for name in packages:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def stored_scores(previous: Optional[Path], key: str, tasks: int) -> tuple[Optional[Path], Optional[str]]:
+    """(``previous``, None) if it holds scores made with ``key`` (same scoring settings, inputs and code) for each
+    of ``tasks`` tasks; (None, why) if it should but a shard is missing or unreadable; (None, None) otherwise."""
     try:
-        return previous if (previous / SCORES / KEY_FILE).read_text().strip() == key else None
+        if previous is None or (previous / SCORES / KEY_FILE).read_text().strip() != key:
+            return None, None
     except OSError:
-        return None
+        return None, None
+    for index in range(tasks):
+        for path in (previous / SCORES / f"part-{index:05d}.parquet",
+                     previous / "rejected" / f"{UNSCORED}-{index:05d}.parquet"):
+            try:
+                pq.read_metadata(path)
+            except (OSError, pa.ArrowException) as e:
+                return None, f"{path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    return previous, None
 
 
 def run_filter(sources: Dict[str, CrawlSource], steps: StepsSpec, out_dir: Path, num_proc: int,
@@ -352,13 +376,16 @@ def run_filter(sources: Dict[str, CrawlSource], steps: StepsSpec, out_dir: Path,
     files = resolve_inputs(sources)
     tasks = list(enumerate(plan_tasks(files, num_proc)))
     key = scores_key(scoring or {}, files)
-    previous = stored_scores(previous, key)
-    processes = num_proc
+    previous, unusable = stored_scores(previous, key, len(tasks))
     if previous is not None:
         built = after_scoring_steps(steps)
-        names = pq.read_schema(previous / SCORES / "part-00000.parquet").field("metrics").type
+        metric_fields = [f.name for f in pq.read_schema(previous / SCORES / "part-00000.parquet").field("metrics").type]
+        missing = sorted({r.metric for s in built if isinstance(s, Thresholds) for r in s.rules} - set(metric_fields))
+        if missing:  # cannot happen while the key covers what is measured; a full run is the safe answer
+            previous, unusable = None, f"no stored values of {', '.join(missing)}"
+    processes = num_proc
+    if previous is not None:
         task_fn, desc = rethreshold_task, "Re-thresholding"
-        metric_fields = [f.name for f in names]
         # Judging stored scores is light: worker processes pay for themselves only on many documents.
         rows = sum(pq.read_metadata(p).num_rows for p in (previous / SCORES).glob("part-*.parquet"))
         processes = min(num_proc, 1 + rows // RETHRESHOLD_ROWS_PER_PROCESS)
@@ -387,6 +414,8 @@ def run_filter(sources: Dict[str, CrawlSource], steps: StepsSpec, out_dir: Path,
     (Path(out_dir) / SCORES / KEY_FILE).write_text(key + "\n")
     stats = merge([results[i] for i in sorted(results)], list(sources), samples_per_rule, files)
     stats["scores"] = {"key": key, "rethresholded_from": str(previous) if previous else None}
+    if unusable:
+        stats["scores"]["unusable"] = unusable
     return stats
 
 

@@ -15,7 +15,6 @@ install fails at once, naming what to install, instead of rejecting every page.
 """
 from __future__ import annotations
 
-import os
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,8 +25,9 @@ from pipeline.filter.extract import PIP, TEXT_TYPES, Engine, ExtractSpec, Undeco
 from pipeline.filter.langid import LangIdSpec, identify, known_languages
 from pipeline.filter.pii import PiiSpec, redact
 from pipeline.filter.quality import THRESHOLD_KEYS as QUALITY_THRESHOLDS
-from pipeline.filter.quality import (BadWords, C4Spec, GopherSpec, c4_text, count_listed, document_metrics,
-                                     first_failure, listed_hits, load_word_list, normalise_words, rules)
+from pipeline.filter.quality import (BadWords, C4Spec, GopherSpec, bad_word_lists, c4_text, count_listed,
+                                     document_metrics, first_failure, listed_hits, load_word_list, normalise_words,
+                                     rules)
 from pipeline.filter.records import Record
 from pipeline.filter.urls import UrlSpec, build_lists
 
@@ -66,18 +66,19 @@ class StepsSpec:
               self.max_document_bytes, "at least 1 or null")
 
 
-# The keys that only compare a stored score with a limit: a change is applied to stored scores, nothing is re-read.
-THRESHOLD_KEYS = {**QUALITY_THRESHOLDS, "toxicity": {"min_hits", "reject"}}
+# The keys only the steps after scoring read (thresholds, and PII redaction of the kept text): a change is
+# applied to stored scores, nothing is read again.
+AFTER_SCORING_KEYS = {**QUALITY_THRESHOLDS, "toxicity": {"min_hits", "reject"},
+                      "pii": set(PiiSpec.__dataclass_fields__)}
 
 
 def list_files(spec: StepsSpec) -> List[str]:
-    """The files whose contents the steps read besides the input: word lists and URL lists."""
-    paths = [*spec.urls.blocklist_files, *spec.urls.optout_files]
-    if spec.toxicity.words_file:
+    """The files whose contents the enabled steps read besides the input: URL and word lists."""
+    paths = [*spec.urls.blocklist_files, *spec.urls.optout_files] if spec.urls.enabled else []
+    if spec.toxicity.enabled and spec.toxicity.words_file:
         paths.append(spec.toxicity.words_file)
-    if spec.c4.bad_words:
-        d = spec.c4.bad_words
-        paths += sorted(os.path.join(d, n) for n in os.listdir(d)) if os.path.isdir(d) else [d]
+    if spec.c4.enabled and spec.c4.bad_words:
+        paths += list(bad_word_lists(spec.c4.bad_words).values()) or [spec.c4.bad_words]
     return paths
 
 

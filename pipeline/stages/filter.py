@@ -11,7 +11,7 @@ from pipeline.contract import StageConfig, StageContext, StageResult, file_hash
 from pipeline.errors import BadInput
 from pipeline.filter.report import OUTPUTS, filter_counts, filter_metrics, filter_warnings, write_filter_reports
 from pipeline.filter.run import run_filter
-from pipeline.filter.steps import THRESHOLD_KEYS, list_files
+from pipeline.filter.steps import AFTER_SCORING_KEYS, list_files
 
 SECTIONS = ("filter",)
 
@@ -21,9 +21,10 @@ def upstream(cfg: StageConfig) -> list[str]:
 
 
 def fingerprint(cfg: StageConfig) -> dict:
-    """The contents of the word and URL lists the config names, so editing a list is a new config."""
+    """The contents of the word and URL lists and URL indexes the config names, so editing one is a new config."""
+    indexes = [s.url_index for s in cfg.filter.sources.values() if s.url_index]
     out = {}
-    for path in list_files(cfg.filter):
+    for path in [*list_files(cfg.filter), *indexes]:
         try:
             out[path] = file_hash(path)
         except OSError as e:
@@ -32,22 +33,29 @@ def fingerprint(cfg: StageConfig) -> dict:
 
 
 def scoring_settings(cfg: StageConfig) -> dict:
-    """Everything the scores depend on: the filter's settings without its thresholds, and the lists' contents."""
+    """Everything the scores depend on: the filter's settings but those read after scoring (thresholds, PII),
+    the sizes of Gopher's n-gram rules (which values are measured), and the lists' contents."""
     plain = as_plain(cfg.filter)
-    plain.pop("samples_per_rule")
-    for section, keys in THRESHOLD_KEYS.items():
+    for key in ("samples_per_rule", "reuse_scores"):
+        plain.pop(key)
+    for section, keys in AFTER_SCORING_KEYS.items():
         for key in keys:
             plain[section].pop(key)
+    gopher = cfg.filter.gopher
+    plain["gopher_ngrams"] = {"top": sorted(map(int, gopher.max_top_ngram_char_fraction)),
+                              "duplicate": sorted(map(int, gopher.max_duplicate_ngram_char_fraction))}
     return {"settings": plain, "lists": fingerprint(cfg)}
 
 
 def run(cfg: StageConfig, ctx: StageContext) -> StageResult:
     f = cfg.filter  # a FilterConfig is the steps' settings (StepsSpec) plus the sources and the pool
     stats = run_filter(f.sources, f, ctx.build_dir, num_proc=f.num_proc, samples_per_rule=f.samples_per_rule,
-                       scoring=scoring_settings(cfg), previous=ctx.published)
+                       scoring=scoring_settings(cfg), previous=ctx.published if f.reuse_scores else None)
     if stats["scores"]["rethresholded_from"]:
         print("filter: only thresholds changed: applied them to the stored scores (no input read)", flush=True)
+    unusable = [f"the stored scores could not be reused ({stats['scores']['unusable']}): the input was read "
+                f"and scored again"] if stats["scores"].get("unusable") else []
     for path in write_filter_reports(stats, ctx.build_dir):
         ctx.run.log_artifact(path)
     return StageResult(counts=filter_counts(stats), metrics=filter_metrics(stats), outputs=OUTPUTS,
-                       warnings=filter_warnings(stats))
+                       warnings=unusable + filter_warnings(stats))
