@@ -18,6 +18,7 @@ from pipeline.errors import check
 ADORNMENT = frozenset("=-`:.'\"~^_*+#")  # docutils' recommended section title adornment characters
 ATX_HEADING = re.compile(r" {0,3}#{1,6}(?:\s|$)")  # Markdown '# Title' (CommonMark: at most 3 spaces before)
 TITLE = re.compile(r"[^\W_]")  # a title has a letter or digit
+MAX_TITLE_WORDS = 8  # longer "headings" are code comments or notices ('# Copyright (c) ... All rights reserved.')
 MARKUP_START = ADORNMENT | frozenset(" \t")  # lines starting otherwise are not headings' markup: skipped fast
 
 
@@ -45,6 +46,12 @@ def _key(line: str) -> str:
     return SPACE.sub(" ", line).strip().lower()
 
 
+def _is_title(text: str) -> bool:
+    """A section title: a letter or digit, at most MAX_TITLE_WORDS words, no full stop at the end."""
+    text = text.strip()
+    return bool(TITLE.search(text)) and len(text.split()) <= MAX_TITLE_WORDS and not text.endswith(".")
+
+
 def heading_rows(lines: Sequence[str]) -> set[int]:
     """Rows of section headings: Markdown '# Title', and a title after a blank line (or an adornment) with an
     underline, maybe an overline too, of one adornment character repeated at least the title's length
@@ -54,13 +61,13 @@ def heading_rows(lines: Sequence[str]) -> set[int]:
         if line[:1] not in MARKUP_START:
             continue
         mark = line.strip()
-        if mark[:1] == "#" and ATX_HEADING.match(line):
+        if mark[:1] == "#" and ATX_HEADING.match(line) and _is_title(mark.lstrip("#")):
             rows.add(i)
         if not i or mark[:1] not in ADORNMENT or mark != mark[0] * len(mark):
             continue
         title = lines[i - 1].strip()
         above = lines[i - 2].strip() if i >= 2 else ""
-        if len(title) <= len(mark) and TITLE.search(title) and (
+        if len(title) <= len(mark) and _is_title(title) and (
                 not above or (above[0] in ADORNMENT and above == above[0] * len(above))):
             rows.update((i - 1, i, i - 2) if above == mark else (i - 1, i))
     return rows

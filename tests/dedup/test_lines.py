@@ -91,3 +91,9 @@ def test_heading_rows_follow_the_markup_not_any_line_of_punctuation():
     assert sorted(lines[i] for i in heading_rows(lines)) == sorted(
         ["=====", "Title", "=====", "Abstract", "========", "# Markdown", "Hooks:", "------", "invoke_install",
          "^^^^^^^^^^^^^^"])
+
+
+def test_a_long_or_full_stopped_line_is_no_title_whatever_its_markup():
+    lines = ["# Copyright (c) 2020 Example Corp. All rights reserved.", "", "# A comment on the next line of the code",
+             "", "Subscribe to our newsletter.", "============================", "", "## Ingredients"]
+    assert [lines[i] for i in sorted(heading_rows(lines))] == ["## Ingredients"]
