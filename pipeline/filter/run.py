@@ -12,7 +12,7 @@ import importlib.metadata
 import json
 import os
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from fnmatch import fnmatch
 from pathlib import Path
@@ -35,6 +35,8 @@ FLUSH_ROWS = 500
 SAMPLE_CHARS = 2000
 SCORES = "scores"
 KEY_FILE = "KEY"  # in scores/: the scoring key the shards were made with
+PII_FILE = "PII.json"  # in scores/: the PII settings the kept rows were redacted with
+PII_COLUMNS = ("pii_email", "pii_ip_address", "pii_phone")
 REPORTING_CODE = ("inspect.py", "plots.py", "report.py")  # pipeline/filter/ modules the scores do not depend on
 SCORING_PACKAGES = ("resiliparse", "trafilatura", "py3langid")
 UNSCORED = "unscored"  # rejected/unscored-NNNNN.parquet: documents rejected before the quality rules
@@ -309,14 +311,24 @@ def rethreshold_task(args: tuple[int, List[InputFile]]) -> dict:
     columns = [c for c in _STATE["schemas"][1].names if c not in ("raw", "metrics")]
     for row in pq.read_table(previous / unscored, columns=columns).to_pylist():
         shard.add(row["source"], row, scored=False, write=False)
-    steps: List[Step] = _STATE["steps"]
+    thresholds, *redact = _STATE["steps"]
+    # A document kept before and now, under the same PII settings, keeps its redacted text: no regex runs again.
+    redacted = {} if not _STATE["same_pii"] else {
+        row["id"]: row for row in pq.read_table(previous / "kept" / f"part-{index:05d}.parquet",
+                                                columns=["id", "text", *PII_COLUMNS]).to_pylist()}
     scores = Path(SCORES) / f"part-{index:05d}.parquet"
     for batch in pq.ParquetFile(previous / scores).iter_batches(batch_size=FLUSH_ROWS):
         for s in batch.to_pylist():
             record = Record(s["source"], s["file"], s["record_id"], url=s["url"], date=s["date"])
             doc = Doc(record, text=s["text"], lang=s["lang"], lang_score=s["lang_score"], scored=True,
                       metrics=s["metrics"], c4_lines=s["c4_lines"], toxic_words=s["toxic_words"])
-            shard.add(s["source"], _row(doc, first_drop(steps, doc), s["id"]), scored=True)
+            drop = thresholds(doc)
+            if drop is None and (old := redacted.get(s["id"])) is not None:
+                doc.redacted = old["text"]
+                doc.pii = {column[4:]: old[column] for column in PII_COLUMNS if old[column]}
+            elif drop is None:
+                drop = first_drop(redact, doc)
+            shard.add(s["source"], _row(doc, drop, s["id"]), scored=True)
     stats = shard.close()
     for path in (unscored, scores):
         (out / path).parent.mkdir(parents=True, exist_ok=True)
@@ -334,6 +346,13 @@ def scores_key(scoring: dict, files: List[InputFile]) -> str:
     blob = json.dumps({"scoring": scoring, "inputs": inputs, "code": code, "packages": _versions(SCORING_PACKAGES)},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _read(path: Path) -> Optional[str]:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def _versions(packages: tuple[str, ...]) -> dict:
@@ -393,8 +412,10 @@ def run_filter(sources: Dict[str, CrawlSource], steps: StepsSpec, out_dir: Path,
         built = build_steps(steps)  # here, once: a bad word list or a broken package fails before any work
         task_fn, desc = run_task, "Filtering"
         metric_fields = metric_names(built)
+    pii = json.dumps(asdict(steps.pii), sort_keys=True) + "\n"
+    same_pii = previous is not None and _read(previous / SCORES / PII_FILE) == pii
     # Forked workers inherit the built steps (the language model and word lists are loaded once).
-    _STATE.update(steps=built, sources=sources, out_dir=Path(out_dir), samples=samples_per_rule, previous=previous,
+    _STATE.update(same_pii=same_pii, steps=built, sources=sources, out_dir=Path(out_dir), samples=samples_per_rule, previous=previous,
                   schemas=schemas(metric_fields), max_bytes=steps.max_document_bytes, task=task_fn)
     results: Dict[int, dict] = {}
     bar = tqdm(total=len(files), desc=desc, unit="file")
@@ -412,6 +433,7 @@ def run_filter(sources: Dict[str, CrawlSource], steps: StepsSpec, out_dir: Path,
     bar.close()
     (Path(out_dir) / SCORES).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / SCORES / KEY_FILE).write_text(key + "\n")
+    (Path(out_dir) / SCORES / PII_FILE).write_text(pii)
     stats = merge([results[i] for i in sorted(results)], list(sources), samples_per_rule, files)
     stats["scores"] = {"key": key, "rethresholded_from": str(previous) if previous else None}
     if unusable:

@@ -77,6 +77,12 @@ def test_changing_only_thresholds_gives_the_full_runs_output_without_reading_the
     (mine,) = [r for rows in _output(strict_dir)["kept"].values() for r in rows if r["file"].endswith("c.jsonl.gz")]
     assert mine["text"].startswith(PROSE) and "<EMAIL> with your views." in mine["text"] and back["counts"]["pii_redacted"]
 
+    # PII redaction is applied after the rules too: another placeholder needs no input either
+    relabelled, _ = _run(make_cfg, tmp_path / "strict", sources, "filter.pii.email=MAIL_ADDRESS")
+    assert relabelled["counts"]["scores"]["rethresholded_from"] == str(strict_dir)
+    (mine,) = [r for rows in _output(strict_dir)["kept"].values() for r in rows if r["file"].endswith("c.jsonl.gz")]
+    assert "MAIL_ADDRESS with your views." in mine["text"]
+
     # a setting the scores depend on: the input is read again (and is junk now)
     rescored, _ = _run(make_cfg, tmp_path / "strict", sources, "filter.c4.min_words_per_line=3")
     assert rescored["counts"]["scores"]["rethresholded_from"] is None
