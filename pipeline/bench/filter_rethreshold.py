@@ -8,6 +8,7 @@ only thresholds change). The two outputs are compared row by row; the result say
 from __future__ import annotations
 
 import copy
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from pipeline.filter.run import CrawlSource, run_filter
 from pipeline.stages import filter as filter_stage
 
 GOAL = 20.0
+REPEATS = 3
 CHANGED = ("gopher", "min_words", 100)
 
 
@@ -62,9 +64,13 @@ def run(quick: bool = False, overrides: list[str] = ()) -> dict:
         tmp = Path(tmp)
         _, _ = filtered(cfg, tmp / "scored")  # stores the scores, default thresholds
         full, full_s = filtered(changed, tmp / "full")
-        again, again_s = filtered(changed, tmp / "rethresholded", previous=tmp / "scored")
-        assert again["scores"]["rethresholded_from"], "the stored scores were not used"
-        identical = same_output(tmp / "full", tmp / "rethresholded")
+        runs = []
+        for i in range(REPEATS):  # it takes under a second: the median of a few, against machine noise
+            again, seconds = filtered(changed, tmp / f"rethresholded-{i}", previous=tmp / "scored")
+            assert again["scores"]["rethresholded_from"], "the stored scores were not used"
+            runs.append(seconds)
+        again_s = statistics.median(runs)
+        identical = all(same_output(tmp / "full", tmp / f"rethresholded-{i}") for i in range(REPEATS))
     n = sum(s["input"] for s in full["per_source"].values())
     kept = sum(s["kept"] for s in full["per_source"].values())
     return {
@@ -73,8 +79,8 @@ def run(quick: bool = False, overrides: list[str] = ()) -> dict:
         "corpus": {"documents": n, "kept": kept, "sources": sorted(cfg.filter.sources), "quick": quick},
         "baseline": {"name": f"full run (num_proc={cfg.filter.num_proc})", "docs_per_s": round(n / full_s, 1),
                      "runs": [round(full_s, 2)]},
-        "candidate": {"name": "thresholds on stored scores", "docs_per_s": round(n / again_s, 1),
-                      "runs": [round(again_s, 2)]},
+        "candidate": {"name": f"thresholds on stored scores, median of {REPEATS}", "docs_per_s": round(n / again_s, 1),
+                      "runs": [round(x, 2) for x in runs]},
         "identical_output": identical,
         "note": f"full {full_s:.1f} s, re-thresholded {again_s:.2f} s; output identical to the full run: {identical}",
         "overrides": list(overrides),
