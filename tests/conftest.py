@@ -76,6 +76,27 @@ def web_without_filter(data_dir: Path) -> list[str]:
     return ["tokenize.sources.web.stage=null", f"++tokenize.sources.web.path={data_dir}/crawl/ccnet_docs/*.jsonl.gz"]
 
 
+@pytest.fixture(scope="session")
+def tokenized(tmp_path_factory, tracking_uri, data_dir) -> Path:
+    """One tiny tokenize output (tiny_tokenize_overrides, vocabulary 512) for the session: an outputs folder whose
+    demo/tokenize the training tests read, or link into their own outputs folder with link_tokenize."""
+    from pipeline.contract import execute_stage
+    from pipeline.stages import load_stage
+
+    out = tmp_path_factory.mktemp("tokenized")
+    execute_stage("tokenize", load_stage("tokenize"),
+                  compose(f"paths.outputs_dir={out}", f"tracking.uri={tracking_uri}",
+                          "tracking.experiment=tokenize-for-training", *tiny_tokenize_overrides(data_dir),
+                          "tokenizer.vocab_size=512"))
+    return out
+
+
+def link_tokenize(tokenized: Path, root: Path) -> None:
+    """``root``/demo/tokenize: the session's shared tokenize output, read by the stages run into ``root``."""
+    (root / "demo").mkdir(parents=True, exist_ok=True)
+    os.symlink(tokenized / "demo" / "tokenize", root / "demo" / "tokenize")
+
+
 def tiny_filter_overrides() -> list[str]:
     """The demo's filter shrunk to seconds: the WARC files, 40 HTML pages and the CCNet documents."""
     return ["++filter.sources.html.max_files=40"]

@@ -9,9 +9,7 @@ import sys
 import pytest
 
 from pipeline import PROJECT_ROOT
-from pipeline.contract import execute_stage
-from pipeline.stages import load_stage
-from tests.conftest import web_without_filter
+from tests.conftest import link_tokenize, web_without_filter
 
 
 @pytest.mark.slow
@@ -62,8 +60,9 @@ def test_quick_pretrain_step_bench_trains_the_same_model_both_ways(tmp_path):
 
 
 @pytest.fixture
-def tiny_tokenized(make_cfg, tmp_path):
-    execute_stage("tokenize", load_stage("tokenize"), make_cfg())
+def tiny_tokenized(tokenized, tmp_path):
+    """An outputs folder holding the session's tiny tokenize output (make_cfg's tokenize: vocabulary 512)."""
+    link_tokenize(tokenized, tmp_path / "outputs")
     return tmp_path / "outputs"
 
 
