@@ -106,12 +106,11 @@ def test_a_killed_stage_leaves_no_manifest_and_the_previous_output_intact(make_c
     final = tmp_path / "demo" / "tokenize"
     before = {p.name: p.read_bytes() for p in final.iterdir()}
 
-    # The whole demo corpus takes long enough to be killed in the middle of its work: with the byte tokenizer
-    # (nothing to train) it is soon encoding, in batches of 500 documents, so that each worker writes its first
-    # batch with most of its share still to encode.
+    # The whole demo corpus takes long enough to be killed in the middle of its work; with the byte tokenizer
+    # there is no tokenizer to train before the encoding.
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "tokenize", f"paths.outputs_dir={tmp_path}",
                              f"tracking.experiment={experiment}", f"paths.data_dir={data_dir}",
-                             *web_without_filter(data_dir), "tokenizer=bytes", "tokenize.batch_size=500"],
+                             *web_without_filter(data_dir), "tokenizer=bytes"],
                             cwd=PROJECT_ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     partial = tmp_path / "demo" / ".tokenize.partial"
@@ -120,6 +119,7 @@ def test_a_killed_stage_leaves_no_manifest_and_the_previous_output_intact(make_c
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.time() < deadline
         time.sleep(0.05)
+    time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
