@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Optional
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from pipeline.errors import PipelineError, StageKilled
 from pipeline.model.checkpoints import checkpoint_path, checkpoints
@@ -71,6 +72,8 @@ class GracefulStop(pl.Callback):
     def __init__(self, checkpointer: Checkpointer):
         self.checkpointer = checkpointer
         self.received: list[str] = []
+        self.at_step_end = False
+        self.saved_at_exit: Optional[Path] = None
 
     @contextmanager
     def handling_signals(self) -> Iterator[None]:
@@ -85,12 +88,35 @@ class GracefulStop(pl.Callback):
         if self.received:  # arrived after the last step: training is complete, still honour the kill
             raise StageKilled(self.received[0])
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.at_step_end = False
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.received and step_ended(trainer, batch_idx):
-            path = self.checkpointer.save(trainer)
-            print(f"\n{self.received[0]} received: saved {path} at step {trainer.global_step}; "
-                  f"run the same command again to resume", flush=True)
-            raise StageKilled(self.received[0])
+        self.at_step_end = step_ended(trainer, batch_idx)
+        if self.received and self.at_step_end:
+            self._save_and_stop(trainer)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        # A signal that lands after this callback's batch-end hook but before Lightning's own check at the end
+        # of the batch makes Lightning stop (SIGTERMException) with the step complete: save that step too (the
+        # caller turns the exception into StageKilled). On more than one process the ranks may not agree that
+        # they are at a step end, so they keep the last checkpoint rather than meet at a barrier.
+        if (self.received and isinstance(exception, SIGTERMException) and self.at_step_end
+                and trainer.world_size == 1):
+            self.saved_at_exit = self._save(trainer)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.at_step_end = False  # a checkpoint saved mid-validation would resume mid-validation
+
+    def _save_and_stop(self, trainer: pl.Trainer) -> None:
+        self._save(trainer)
+        raise StageKilled(self.received[0])
+
+    def _save(self, trainer: pl.Trainer) -> Path:
+        path = self.checkpointer.save(trainer)
+        print(f"\n{self.received[0]} received: saved {path} at step {trainer.global_step}; "
+              f"run the same command again to resume", flush=True)
+        return path
 
 
 class FiniteLossGuard(pl.Callback):

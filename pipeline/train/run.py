@@ -155,8 +155,9 @@ def fit(module: LanguageModel, data: TokenDataModule, val_names: list[str], val_
             # the run resumes from the last checkpoint written.
             if not stop.received:
                 raise
-            print(f"\n{stop.received[0]} received outside a training step; the run resumes from "
-                  f"{checkpointer.last or latest_checkpoint(checkpoint_dir) or 'the start'}", flush=True)
+            if stop.saved_at_exit is None:
+                print(f"\n{stop.received[0]} received outside a training step; the run resumes from "
+                      f"{checkpointer.last or latest_checkpoint(checkpoint_dir) or 'the start'}", flush=True)
             raise StageKilled(stop.received[0]) from None
     last = checkpointer.save(trainer)
     if trainer.global_step < train.max_steps:
