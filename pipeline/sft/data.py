@@ -107,8 +107,11 @@ def _records(path: str) -> Iterator[tuple[str, int, object]]:
         index += 1
 
 
-def _read(path: str, name: str, parse: Parser) -> ReadResult:
-    """Run ``parse`` over every record of the files at ``path``, counting the records it skips."""
+def read_records(path: str, name: str, parse: Parser) -> ReadResult:
+    """Run ``parse`` over every record of the files at ``path``, counting the records it skips.
+
+    ``parse`` yields Conversations, or any item with a ``source`` attribute (the preference pairs of dpo).
+    """
     files = resolve_files(name, path, accept=_is_instruction_file)
     conversations, bad, examples = [], Counter(), []
     for file in files:
@@ -141,7 +144,7 @@ def _read(path: str, name: str, parse: Parser) -> ReadResult:
     return ReadResult(conversations, dict(bad), examples)
 
 
-def _text(record: dict, key: str, *, required: bool = True) -> str:
+def text_field(record: dict, key: str, *, required: bool = True) -> str:
     """A string field; missing (if required), non-string and blank values raise Skip."""
     if key not in record or record[key] is None:
         if required:
@@ -155,7 +158,7 @@ def _text(record: dict, key: str, *, required: bool = True) -> str:
     return value
 
 
-def _own_id(value: object, index: int) -> object:
+def own_id(value: object, index: int) -> object:
     """The record's own id when it has a usable one, else its index in the file."""
     return value if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value) else index
 
@@ -188,7 +191,7 @@ def check_turns(messages: list) -> None:
 
 def _conversation(messages: list[dict], conversation_id: str) -> Conversation:
     check_turns(messages)
-    return Conversation(messages, source="", id=conversation_id)  # _read sets the source
+    return Conversation(messages, source="", id=conversation_id)  # read_records sets the source
 
 
 def _exchange(user: str, assistant: str, conversation_id: str) -> Conversation:
@@ -206,11 +209,11 @@ def read_alpaca(path: str, name: str, instruction_field: str = "instruction", in
     line and the input when there is one."""
 
     def parse(record: dict, prefix: str, index: int) -> Iterator[Parsed]:
-        instruction = _text(record, instruction_field)
-        input_text = _text(record, input_field, required=False)
-        yield _exchange(_user_turn(instruction, input_text), _text(record, output_field), f"{prefix}:{index}")
+        instruction = text_field(record, instruction_field)
+        input_text = text_field(record, input_field, required=False)
+        yield _exchange(_user_turn(instruction, input_text), text_field(record, output_field), f"{prefix}:{index}")
 
-    return _read(path, name, parse)
+    return read_records(path, name, parse)
 
 
 def read_prompt_response(path: str, name: str, prompt_field: str = "prompt",
@@ -225,16 +228,16 @@ def read_prompt_response(path: str, name: str, prompt_field: str = "prompt",
 
     def parse(record: dict, prefix: str, index: int) -> Iterator[Parsed]:
         key = response_field or ("completion" if "completion" in record else "response")
-        response = _text(record, key, required=False)
+        response = text_field(record, key, required=False)
         if key not in record:
             raise Skip(f"missing_{key}")
         if strip_suffix and response.endswith(strip_suffix):
             response = response[: -len(strip_suffix)]
         if not response.strip():
             raise Skip(f"empty_{key}")
-        yield _exchange(_text(record, prompt_field), response, f"{prefix}:{index}")
+        yield _exchange(text_field(record, prompt_field), response, f"{prefix}:{index}")
 
-    return _read(path, name, parse)
+    return read_records(path, name, parse)
 
 
 def read_conversations(path: str, name: str, messages_field: str = "messages", role_field: str = "role",
@@ -258,13 +261,13 @@ def read_conversations(path: str, name: str, messages_field: str = "messages", r
             if role is None:
                 raise Skip("unknown_role", repr(message[role_field]))
             messages.append({"role": role, "content": message[content_field]})
-        own_id = record.get(id_field) if id_field else None
-        yield _conversation(messages, f"{prefix}:{_own_id(own_id, index)}")
+        record_id = record.get(id_field) if id_field else None
+        yield _conversation(messages, f"{prefix}:{own_id(record_id, index)}")
 
-    return _read(path, name, parse)
+    return read_records(path, name, parse)
 
 
-def _usable(message: dict, skip_synthetic: bool) -> bool:
+def usable_message(message: dict, skip_synthetic: bool) -> bool:
     return not (message.get("deleted") or message.get("review_result") is False
                 or (skip_synthetic and message.get("synthetic")))
 
@@ -279,7 +282,7 @@ def best_path(root: dict, skip_synthetic: bool = True) -> list[dict]:
     """
     path, message = [root], root
     while True:
-        replies = [r for r in message.get("replies") or [] if isinstance(r, dict) and _usable(r, skip_synthetic)]
+        replies = [r for r in message.get("replies") or [] if isinstance(r, dict) and usable_message(r, skip_synthetic)]
         if not replies:
             return path
         message = min(enumerate(replies),
@@ -300,7 +303,7 @@ def read_oasst_tree(path: str, name: str, skip_synthetic: bool = True) -> ReadRe
         root = record.get("prompt")
         if not isinstance(root, dict):
             raise Skip("missing_prompt")
-        if not _usable(root, skip_synthetic):
+        if not usable_message(root, skip_synthetic):
             raise Skip("synthetic" if root.get("synthetic") else "deleted_or_rejected")
         messages = []
         for message in best_path(root, skip_synthetic):
@@ -312,9 +315,9 @@ def read_oasst_tree(path: str, name: str, skip_synthetic: bool = True) -> ReadRe
             messages.pop()  # a prompt nobody answered
         if not messages:
             raise Skip("no_assistant_reply")
-        yield _conversation(messages, f"{prefix}:{_own_id(record.get('message_tree_id'), index)}")
+        yield _conversation(messages, f"{prefix}:{own_id(record.get('message_tree_id'), index)}")
 
-    return _read(path, name, parse)
+    return read_records(path, name, parse)
 
 
 def read_gsm8k(path: str, name: str) -> ReadResult:
@@ -322,12 +325,12 @@ def read_gsm8k(path: str, name: str) -> ReadResult:
     ``<<48/2=24>>`` included, and the final ``#### <number>`` line."""
 
     def parse(record: dict, prefix: str, index: int) -> Iterator[Parsed]:
-        answer = _text(record, "answer")
+        answer = text_field(record, "answer")
         if gsm8k_final(answer) is None:
             raise Skip("no_final_answer", answer[-60:])
-        yield _exchange(_text(record, "question"), answer, f"{prefix}:{index}")
+        yield _exchange(text_field(record, "question"), answer, f"{prefix}:{index}")
 
-    return _read(path, name, parse)
+    return read_records(path, name, parse)
 
 
 def gsm8k_final(answer: str) -> Optional[str]:
@@ -344,21 +347,21 @@ def read_self_instruct(path: str, name: str) -> ReadResult:
     user_oriented_instructions.jsonl alike), one conversation per instance, id ``<source>:<task id>:<k>``."""
 
     def parse(record: dict, prefix: str, index: int) -> Iterator[Parsed]:
-        instruction = _text(record, "instruction")
+        instruction = text_field(record, "instruction")
         instances = record.get("instances")
         if not isinstance(instances, list) or not instances:
             raise Skip("missing_instances")
-        conversation_id = f"{prefix}:{_own_id(record.get('id'), index)}"
+        conversation_id = f"{prefix}:{own_id(record.get('id'), index)}"
         for k, instance in enumerate(instances):
             try:
                 if not isinstance(instance, dict):
                     raise Skip("not_an_object", f"instance {k}")
-                user = _user_turn(instruction, _text(instance, "input", required=False))
-                yield _exchange(user, _text(instance, "output"), f"{conversation_id}:{k}")
+                user = _user_turn(instruction, text_field(instance, "input", required=False))
+                yield _exchange(user, text_field(instance, "output"), f"{conversation_id}:{k}")
             except Skip as skip:  # one bad instance does not cost the task its other instances
                 yield skip
 
-    return _read(path, name, parse)
+    return read_records(path, name, parse)
 
 
 READERS: dict[str, Callable[..., ReadResult]] = {

@@ -174,7 +174,7 @@ def side_by_side(tuned, base, conversations: Sequence[Conversation], tokenizer: 
 # Side by side
 
 
-def _last_user(messages: Sequence[dict]) -> str:
+def last_user(messages: Sequence[dict]) -> str:
     return next(m["content"] for m in reversed(messages) if m["role"] == "user")
 
 
@@ -192,7 +192,7 @@ def compare(conversations: Sequence[Conversation], base_replies: Sequence[str],
     for conversation, base, tuned in zip(conversations, base_replies, tuned_replies):
         messages, reference = prompt_and_reference(conversation)
         row = {"source": conversation.source, "id": conversation.id,
-               "prompt": _clip(_last_user(messages), PROMPT_CHARS), "reference": reference, "base": base, "sft": tuned}
+               "prompt": _clip(last_user(messages), PROMPT_CHARS), "reference": reference, "base": base, "sft": tuned}
         for model, reply in (("base", base), ("sft", tuned)):
             row[f"{model}_exact_match"] = exact_match(reply, reference)
             row[f"{model}_rouge_l"] = rouge_l(reply, reference)
@@ -219,7 +219,7 @@ def summary(rows: Sequence[dict]) -> dict[str, float]:
     return out
 
 
-def _cell(text: str, max_chars: int) -> str:
+def cell(text: str, max_chars: int) -> str:
     return _clip(text, max_chars).replace("|", "\\|").replace("\r\n", "\n").replace("\n", "<br>")
 
 
@@ -233,10 +233,10 @@ def markdown_table(rows: Sequence[dict], limit: int, max_chars: int = 300) -> st
     for name, infix, count in [("all", "", metrics["gen/examples"])] + \
             [(s, f"{s}/", metrics[f"gen/examples/{s}"]) for s in sources]:
         values = [metrics[f"gen/{model}/{infix}{metric}"] for metric in METRICS for model in MODELS]
-        lines.append(f"| {_cell(name, max_chars)} | {int(count)} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+        lines.append(f"| {cell(name, max_chars)} | {int(count)} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
     lines += ["", "| id | prompt | reference | base | sft | base ROUGE-L | sft ROUGE-L |",
               "|---|---|---|---|---|---:|---:|"]
     for row in rows[:limit]:
-        texts = [_cell(row[key], max_chars) for key in ("id", "prompt", "reference", "base", "sft")]
+        texts = [cell(row[key], max_chars) for key in ("id", "prompt", "reference", "base", "sft")]
         lines.append("| " + " | ".join(texts) + f" | {row['base_rouge_l']:.3f} | {row['sft_rouge_l']:.3f} |")
     return "\n".join(lines) + "\n"
