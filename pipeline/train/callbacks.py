@@ -180,6 +180,8 @@ class TrainMetrics(pl.Callback):
             "train/mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
         }
         self.losses, self.last_time, self.last_step = [], now, step
+        extra = getattr(pl_module, "pop_train_metrics", None)  # a module's own training measures (dpo's rewards)
+        metrics.update(extra() if extra else {})
         if trainer.is_global_zero:
             self.emit(metrics, step)
 
@@ -191,10 +193,17 @@ class TrainMetrics(pl.Callback):
             self.last_time += time.perf_counter() - self.val_started  # do not count evaluation as training time
         if trainer.sanity_checking:
             return
-        self.results = evaluation_metrics(pl_module.val_losses(), self.val_names, self.val_bytes_per_token,
-                                          self.prefix)
+        self.results = validation_results(pl_module, self.val_names, self.val_bytes_per_token, self.prefix)
         if trainer.is_global_zero and self.results:
             self.emit(self.results, trainer.global_step)
+
+
+def validation_results(module: pl.LightningModule, names: list[str], bytes_per_token: dict[str, float],
+                       prefix: str = "val") -> dict[str, float]:
+    """The last validation's metrics: the module's own ``val_metrics(names, prefix)`` when it has one (dpo),
+    else ``evaluation_metrics`` of its ``val_losses()``."""
+    own = getattr(module, "val_metrics", None)
+    return own(names, prefix) if own else evaluation_metrics(module.val_losses(), names, bytes_per_token, prefix)
 
 
 def evaluation_metrics(losses: dict[int, float], names: list[str], bytes_per_token: dict[str, float],

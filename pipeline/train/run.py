@@ -14,7 +14,7 @@ from pipeline.errors import StageKilled, check
 from pipeline.model.checkpoints import latest_checkpoint
 from pipeline.model.gpt import GPT, ModelConfig, flops_per_token, non_embedding_params
 from pipeline.tokenizer.encode import TokenShards
-from pipeline.train.callbacks import Checkpointer, FiniteLossGuard, GracefulStop, Samples, TrainMetrics, evaluation_metrics
+from pipeline.train.callbacks import Checkpointer, FiniteLossGuard, GracefulStop, Samples, TrainMetrics, validation_results
 from pipeline.train.data import TokenDataModule
 from pipeline.train.module import LanguageModel, OptimSpec
 
@@ -143,7 +143,7 @@ def fit(module: LanguageModel, data: TokenDataModule, val_names: list[str], val_
     before: dict[str, float] = {}
     if evaluate_first and resume is None:
         trainer.validate(module, datamodule=data, verbose=False)
-        before = evaluation_metrics(module.val_losses(), val_names, val_bytes_per_token, prefix="before")
+        before = validation_results(module, val_names, val_bytes_per_token, prefix="before")
         if trainer.is_global_zero:
             log(before, 0)
     with stop.handling_signals():
