@@ -37,7 +37,7 @@ ifneq ($(filter name=%,$(ARGS)),)
 $(error ARGS sets name=: choose the experiment with EXP=<preset> instead, so Make finds outputs/<EXP>/)
 endif
 
-.PHONY: help setup test all filter inspect-filter dedup dedup-eval tokenize pretrain cpt sft inspect-sft merge evaluate sweep \
+.PHONY: help setup test all filter inspect-filter dedup dedup-eval tokenize pretrain cpt sft inspect-sft dpo merge evaluate sweep \
 	scaling generate bench clean mlflow-ui FORCE
 
 help: ## Show the targets
@@ -60,7 +60,7 @@ setup: ## Reinstall .venv: torch ($(TORCH)) first, then the project with its dev
 test: $(INSTALLED) ## Run the whole test suite, slow tests included (what CI runs; sets up .venv first if missing)
 	$(PY) -m pytest --runslow -q
 
-all: filter dedup tokenize pretrain cpt sft merge evaluate ## Run the demo pipeline, skipping what is up to date (sweep and scaling are separate)
+all: filter dedup tokenize pretrain cpt sft dpo merge evaluate ## Run the demo pipeline, skipping what is up to date (sweep and scaling are separate)
 
 filter: $(OUT)/filter/manifest.json ## Extract, language-filter, quality-filter and redact the crawl
 
@@ -123,11 +123,20 @@ $(OUT)/sft/manifest.json: $(OUT)/cpt/manifest.json $(OUT)/.args/sft $(TRAIN_DEPS
 inspect-sft: $(INSTALLED) ## Print N=2 rendered conversations per source (SOURCE=name), trained tokens marked (after make cpt)
 	$(PY) -m pipeline.tools.inspect_sft -n $(or $(N),2) $(if $(SOURCE),--source $(SOURCE)) $(STAGE_ARGS)
 
+dpo: $(OUT)/dpo/manifest.json ## Tune the sft model on human preference pairs (DPO, LoRA); SFT vs DPO in MLflow
+
+$(eval $(call args_stamp,dpo))
+$(OUT)/dpo/manifest.json: $(OUT)/sft/manifest.json $(OUT)/.args/dpo $(TRAIN_DEPS) conf/dpo.yaml pipeline/stages/dpo.py \
+		$(wildcard pipeline/sft/*.py) $(wildcard pipeline/dpo/*.py)
+	$(STAGE) dpo $(STAGE_ARGS)
+
+# merge folds sft's adapter, or dpo's with ARGS='merge.adapter=dpo'
+MERGE_ADAPTER := $(if $(filter merge.adapter=dpo,$(ARGS)),dpo,sft)
 merge: $(OUT)/merge/manifest.json ## Fold the LoRA adapter into the model: model.pt and a transformers directory (hf/)
 
 $(eval $(call args_stamp,merge))
-$(OUT)/merge/manifest.json: $(OUT)/sft/manifest.json $(OUT)/.args/merge $(MODEL_DEPS) conf/sft.yaml pipeline/stages/merge.py \
-		$(wildcard pipeline/sft/*.py)
+$(OUT)/merge/manifest.json: $(OUT)/$(MERGE_ADAPTER)/manifest.json $(OUT)/.args/merge $(MODEL_DEPS) conf/sft.yaml \
+		conf/dpo.yaml pipeline/stages/merge.py $(wildcard pipeline/sft/*.py) $(wildcard pipeline/dpo/*.py)
 	$(STAGE) merge $(STAGE_ARGS)
 
 evaluate: $(OUT)/evaluate/manifest.json ## Perplexity, bits per byte and prompting accuracy of pretrain, cpt and sft

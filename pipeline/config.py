@@ -19,6 +19,7 @@ from pipeline import PROJECT_ROOT
 from pipeline.data.sources import SourceSpec, StageOrPath
 from pipeline.dedup.evaluate import EvalSpec
 from pipeline.dedup.run import DedupSpec
+from pipeline.dpo.train import LossType
 from pipeline.errors import ConfigError, PipelineError, check, choice
 from pipeline.filter.run import CrawlSource
 from pipeline.filter.steps import StepsSpec
@@ -180,6 +181,63 @@ class SftConfig(TrainSpec):
 
 
 @dataclass
+class DpoSource:
+    """One preference dataset (pipeline/dpo/pairs.py reads it)."""
+
+    format: str = MISSING  # hh_rlhf | oasst_pairs
+    path: str = MISSING  # a JSON or JSONL file (optionally .gz), a directory or a glob of them
+    options: Dict[str, Any] = field(default_factory=dict)  # the reader's keyword arguments
+
+
+@dataclass
+class DpoGenerate:
+    per_source: int = 4  # held-out prompts answered greedily by the SFT and the DPO model
+    max_new_tokens: int = 48
+
+    def __post_init__(self):
+        check(self.per_source >= 0, "per_source", self.per_source, "at least 0")
+        check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "at least 1")
+
+
+@dataclass
+class DpoConfig(TrainSpec):
+    # stage: the sft stage (its adapter folded in); path: an instruction-tuned model directory with a chat template
+    init: StageOrPath = field(default_factory=lambda: StageOrPath(stage="sft"))
+    sources: Dict[str, Any] = field(default_factory=dict)  # name -> DpoSource
+    beta: float = 0.1  # pull towards the reference: DPO's beta, IPO's tau
+    loss: LossType = LossType.sigmoid  # sigmoid (DPO) | ipo
+    label_smoothing: float = 0.0  # conservative DPO: the assumed share of flipped preferences (sigmoid only)
+    val_fraction: float = 0.1  # per source, by hash of the prompt
+    val_max_per_source: int = 64  # held-out pairs scored before and after
+    max_tokens: Optional[int] = None  # longer pairs are left out (counted); None: the model's context
+    lora: LoraSpec = field(default_factory=LoraSpec)  # a fresh adapter on the SFT model
+    generate: DpoGenerate = field(default_factory=DpoGenerate)
+
+    def __post_init__(self):
+        super().__post_init__()
+        from pipeline.dpo.train import DpoLoss
+
+        self.loss = DpoLoss(self.beta, self.loss, self.label_smoothing).loss  # checks all three
+        self.sources = entries(self.sources, DpoSource, "sources")
+        check(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "in (0, 1)")
+        check(self.val_max_per_source >= 1, "val_max_per_source", self.val_max_per_source, "at least 1")
+        check(self.max_tokens is None or self.max_tokens >= 2, "max_tokens", self.max_tokens, "at least 2 or null")
+
+
+class AdapterStage(StrEnum):
+    sft = "sft"
+    dpo = "dpo"
+
+
+@dataclass
+class MergeConfig:
+    adapter: AdapterStage = AdapterStage.sft  # the stage whose LoRA adapter is folded in: sft, or dpo after it
+
+    def __post_init__(self):
+        self.adapter = choice(AdapterStage, self.adapter, "adapter")
+
+
+@dataclass
 class PromptTaskConfig:
     """One prompting task of the evaluate stage (pipeline/evaluate/prompting.py)."""
 
@@ -267,6 +325,8 @@ class RootConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     cpt: CptConfig = field(default_factory=CptConfig)
     sft: SftConfig = field(default_factory=SftConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
 

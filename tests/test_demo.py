@@ -9,7 +9,7 @@ from pipeline.contract import execute_stage
 from pipeline.stages import STAGES, load_stage
 from tests.conftest import mlflow_runs, tiny_filter_overrides
 
-CHAIN = ["filter", "dedup", "tokenize", "pretrain", "cpt", "sft", "merge", "evaluate"]  # what `make all` runs
+CHAIN = ["filter", "dedup", "tokenize", "pretrain", "cpt", "sft", "dpo", "merge", "evaluate"]  # what `make all` runs
 
 TINY = [
     # the crawl through the filter and dedup stages, as the demo reads it, but fewer pages
@@ -24,6 +24,8 @@ TINY = [
     "~sft.sources.p3", "~sft.sources.gsm8k", "~sft.sources.codealpaca",
     "sft.max_steps=4", "sft.micro_batch_size=4", "sft.eval_every_steps=2", "sft.optim.warmup_steps=1",
     "sft.val_max_per_source=8", "sft.generate.per_source=1", "sft.generate.max_new_tokens=4",
+    "dpo.max_steps=2", "dpo.micro_batch_size=4", "dpo.eval_every_steps=2", "dpo.optim.warmup_steps=1",
+    "dpo.val_max_per_source=8", "dpo.generate.per_source=1", "dpo.generate.max_new_tokens=4",
     "evaluate.sets.corpus.max_documents=10", "evaluate.sets.domain.max_documents=10",
     "evaluate.tasks.sst2.limit=8", "evaluate.tasks.sst2.shots=[0]", "evaluate.tasks.piqa.limit=8",
 ]

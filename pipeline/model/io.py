@@ -85,7 +85,8 @@ def load_pretrained(path: Path, key: str = "path", tokenizer_json: Optional[Path
 
         from pipeline.sft.lora import merge
 
-        base = load_pretrained(adapter_base(path, stage_dirs or {}), f"{key} (the adapter's base)").model
+        base = load_pretrained(adapter_base(path, stage_dirs or {}), f"{key} (the adapter's base)",
+                               stage_dirs=stage_dirs).model
         model = load_adapter(base, path / ADAPTER)
         model = model if keep_adapter else merge(model)
     else:

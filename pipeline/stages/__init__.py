@@ -9,7 +9,8 @@ STAGES = {
     "pretrain": ("pipeline.stages.pretrain", "train a GPT-style decoder on the token shards (resumable)"),
     "cpt": ("pipeline.stages.cpt", "continue pretraining on a domain corpus; report adaptation and forgetting"),
     "sft": ("pipeline.stages.sft", "fine-tune on instruction data with LoRA adapters; base vs tuned generations"),
-    "merge": ("pipeline.stages.merge", "fold the LoRA adapter into the model: model.pt and a transformers directory"),
+    "dpo": ("pipeline.stages.dpo", "tune the sft model on human preference pairs with DPO and a LoRA adapter"),
+    "merge": ("pipeline.stages.merge", "fold the LoRA adapter (sft's, or dpo's) into the model: model.pt and hf/"),
     "evaluate": ("pipeline.stages.evaluate", "perplexity and bits per byte of the trained models on held-out documents"),
     "scaling": ("pipeline.stages.scaling", "fit Kaplan and Chinchilla scaling laws to a sweep's runs (after a sweep)"),
 }

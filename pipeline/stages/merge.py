@@ -1,4 +1,7 @@
-"""merge: fold the sft stage's LoRA adapter into its base model (W + alpha/rank * BA becomes one W).
+"""merge: fold a LoRA adapter into its base model (W + alpha/rank * BA becomes one W).
+
+``merge.adapter`` names the stage: ``sft`` (its adapter on the cpt model), or ``dpo`` (its adapter on the SFT
+model, whose own adapter is folded in first).
 
 Writes a plain ``model.pt`` with ``tokenizer.json`` (what the evaluate stage and ``make generate``
 read) and a transformers directory ``hf/`` whose tokenizer carries the chat template, so
@@ -15,31 +18,35 @@ from pipeline.errors import BadInput
 from pipeline.model.equivalence import check_export, fold_adapter
 from pipeline.model.io import load_pretrained, publish_model
 
-SECTIONS = ("tokenizer", "sft")  # the special tokens written into the transformers tokenizer; sft.init: the base
+# tokenizer: the special tokens written into the transformers tokenizer; sft.init, dpo.init: the bases
+SECTIONS = ("tokenizer", "sft", "dpo", "merge")
 TOLERANCE = 1e-4  # largest absolute logit difference accepted between the adapter model and the merged one
 
 
 def upstream(cfg: StageConfig) -> list[str]:
-    return ["sft"] + ([cfg.sft.init.stage] if cfg.sft.init.stage else [])
+    adapter = cfg.merge.adapter.value
+    init = getattr(cfg, adapter).init.stage
+    return [adapter] + ([init] if init else [])
 
 
-def refuse_a_rebuilt_base(ctx: StageContext) -> None:
+def refuse_a_rebuilt_base(ctx: StageContext, adapter: str) -> None:
     """An adapter fits only the weights it was trained on: refuse if its base stage was rebuilt since."""
-    sft = ctx.inputs["sft"]
-    base = sft.manifest["outputs"].get("base", {}).get("stage")
-    if "adapter" in sft.manifest["outputs"] and base is not None and \
-            ctx.inputs[base].hash != sft.manifest["inputs"][base]["manifest_sha256"]:
-        raise BadInput(f"{base} was rebuilt after sft trained its adapter on it: run 'make sft' again")
+    tuned = ctx.inputs[adapter]
+    base = tuned.manifest["outputs"].get("base", {}).get("stage")
+    if "adapter" in tuned.manifest["outputs"] and base is not None and \
+            ctx.inputs[base].hash != tuned.manifest["inputs"][base]["manifest_sha256"]:
+        raise BadInput(f"{base} was rebuilt after {adapter} trained its adapter on it: run 'make {adapter}' again")
 
 
 def run(cfg: StageConfig, ctx: StageContext) -> StageResult:
-    refuse_a_rebuilt_base(ctx)
-    sft = ctx.inputs["sft"]
-    tuned = load_pretrained(sft.dir, "the sft stage's output", stage_dirs=ctx.input_dirs, keep_adapter=True)
+    adapter = cfg.merge.adapter.value
+    refuse_a_rebuilt_base(ctx, adapter)
+    stage = ctx.inputs[adapter]
+    tuned = load_pretrained(stage.dir, f"the {adapter} stage's output", stage_dirs=ctx.input_dirs, keep_adapter=True)
     merged, adapter_diff = fold_adapter(tuned.model, TOLERANCE)
     outputs = publish_model(merged, tuned.tokenizer_json, ctx.build_dir, dataclasses.asdict(cfg.tokenizer.special_tokens),
                             chat_template=tuned.chat_template)
     hf_diff = check_export(ctx.build_dir / "hf", merged, TOLERANCE)
     metrics = {"merge/max_logit_diff": adapter_diff, "merge/hf_max_logit_diff": hf_diff,
                "merge/params": sum(p.numel() for p in merged.parameters())}
-    return StageResult(metrics=metrics, outputs={**outputs, "template": sft.manifest["outputs"]["template"]})
+    return StageResult(metrics=metrics, outputs={**outputs, "template": stage.manifest["outputs"]["template"]})
