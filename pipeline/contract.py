@@ -37,6 +37,7 @@ from omegaconf import OmegaConf
 from pipeline import PROJECT_ROOT
 from pipeline.config import RootConfig, as_plain
 from pipeline.errors import BadInput, MissingUpstream, PipelineError, shown_path
+from pipeline.files import file_hash
 from pipeline.model.checkpoints import checkpoint_dir_for
 from pipeline.tracking import StageRun, end_if_running, flatten, stage_run
 
@@ -102,10 +103,6 @@ def stage_config(stage: str, module: ModuleType, root: RootConfig) -> StageConfi
 
 def stage_dir(outputs_dir: Path, experiment: str, stage: str) -> Path:
     return Path(outputs_dir) / experiment / stage
-
-
-def file_hash(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def read_upstream(outputs_dir: Path, experiment: str, stage: str) -> Upstream:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -18,3 +19,8 @@ def link_or_copy(src: Path, dst: Path) -> None:
         tmp = Path(dst).with_name(Path(dst).name + ".tmp")
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
+
+
+def file_hash(path: Path) -> str:
+    """The sha256 of a file's bytes, in hex (a manifest's identity)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline import PROJECT_ROOT
 
-LIBRARY = ["data", "dedup", "evaluate", "filter", "model", "scaling", "sft", "tokenizer", "tracking", "train"]
+LIBRARY = ["data", "dedup", "dpo", "evaluate", "filter", "model", "scaling", "sft", "tokenizer", "tracking", "train"]
 FORBIDDEN = ("hydra", "omegaconf", "pipeline.config", "pipeline.contract", "pipeline.stages")
 
 

@@ -88,8 +88,15 @@ def read_hh_rlhf(path: str, name: str) -> ReadResult:
     return read_records(path, name, parse)
 
 
+def _replies(message: dict) -> list:
+    replies = message.get("replies") or []
+    if not isinstance(replies, list):
+        raise Skip("not_list_replies", type(replies).__name__)
+    return replies
+
+
 def _ranked_replies(message: dict) -> list[dict]:
-    replies = [r for r in message.get("replies") or [] if isinstance(r, dict) and usable_message(r, True)]
+    replies = [r for r in _replies(message) if isinstance(r, dict) and usable_message(r, True)]
     return [r for r in replies if isinstance(r.get("rank"), int) and not isinstance(r.get("rank"), bool)]
 
 
@@ -101,8 +108,10 @@ def read_oasst_pairs(path: str, name: str) -> ReadResult:
         root = record.get("prompt")
         if not isinstance(root, dict):
             raise Skip("missing_prompt")
+        if not usable_message(root, True):
+            raise Skip("synthetic" if root.get("synthetic") else "deleted_or_rejected")
         tree = own_id(record.get("message_tree_id"), index)
-        found = 0
+        found = visited = 0
         stack: list[tuple[dict, list[dict]]] = [(root, [])]
         while stack:
             message, path = stack.pop()
@@ -114,19 +123,20 @@ def read_oasst_pairs(path: str, name: str) -> ReadResult:
                 continue
             path = [*path, {"role": role, "content": message.get("text")}]
             replies = _ranked_replies(message) if role == "user" else []
-            for i, better in enumerate(replies):
-                for worse in replies[i + 1:]:
-                    if better["rank"] == worse["rank"]:
+            parent = str(message.get("message_id") or f"m{visited}")[:8]  # the k-th message visited, without an id
+            for i, first in enumerate(replies):
+                for second in replies[i + 1:]:
+                    if first["rank"] == second["rank"]:
                         continue
-                    if better["rank"] > worse["rank"]:
-                        better, worse = worse, better
-                    pair_id = f"{prefix}:{tree}:{str(message.get('message_id', ''))[:8]}:{better['rank']}>{worse['rank']}"
+                    better, worse = (first, second) if first["rank"] < second["rank"] else (second, first)
+                    pair_id = f"{prefix}:{tree}:{parent}:{better['rank']}>{worse['rank']}"
                     try:
                         yield _pair(path, text_field(better, "text"), text_field(worse, "text"), pair_id)
                         found += 1
                     except Skip as skip:
                         yield skip
-            stack += [(r, path) for r in reversed(message.get("replies") or []) if isinstance(r, dict)]
+            stack += [(r, path) for r in reversed(_replies(message)) if isinstance(r, dict)]
+            visited += 1
         if not found:
             yield Skip("no_ranked_siblings", str(tree))
 

@@ -58,6 +58,8 @@ class DpoLoss:
         self.loss = choice(LossType, self.loss, "loss")
         check(self.beta > 0, "beta", self.beta, "positive")
         check(0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "in [0, 0.5)")
+        check(self.loss == LossType.sigmoid or self.label_smoothing == 0, "label_smoothing", self.label_smoothing,
+              "0 with loss ipo (label smoothing is conservative DPO's, for the sigmoid loss)")
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,6 +125,9 @@ class DPOModule(SFTModule):
         losses, chosen, rejected = dpo_loss(policy, reference, lengths, self.spec)
         loss = losses.mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        accumulate = self._trainer.accumulate_grad_batches if self._trainer is not None else 1
+        if batch_idx % accumulate == 0:
+            self.train_sums = {}  # the first micro-batch of a step: measure the step train/loss is logged for
         sums = self.train_sums
         for key, value in (("reward_accuracy", (chosen > rejected).float().sum()),
                            ("reward_margin", (chosen - rejected).sum()), ("chosen_reward", chosen.sum()),
@@ -131,7 +136,7 @@ class DPOModule(SFTModule):
         return loss
 
     def pop_train_metrics(self) -> dict[str, float]:
-        """Means over the pairs trained on since the last call (TrainMetrics logs them beside train/loss)."""
+        """Means over the pairs of the last optimizer step (TrainMetrics logs them beside its train/loss)."""
         sums, self.train_sums = self.train_sums, {}
         n = sums.pop("pairs", 0)
         return {f"train/{key}": value / n for key, value in sums.items()} if n else {}

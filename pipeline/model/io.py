@@ -17,7 +17,7 @@ from typing import Mapping, Optional
 from torch import nn
 
 from pipeline.errors import BadInput
-from pipeline.files import link_or_copy
+from pipeline.files import file_hash, link_or_copy
 from pipeline.model.checkpoints import checkpoints
 from pipeline.model.gpt import GPT, MODEL_FILE, load_model, save_model
 
@@ -95,13 +95,21 @@ def load_pretrained(path: Path, key: str = "path", tokenizer_json: Optional[Path
 
 
 def adapter_base(stage_dir: Path, stage_dirs: Mapping[str, Path]) -> Path:
-    """The directory of the model an sft stage's adapter was trained on: its stage's in ``stage_dirs``, else
-    the path the sft manifest recorded."""
-    manifest = Path(stage_dir) / "manifest.json"
-    if not manifest.is_file():
+    """The directory of the model a stage's adapter (sft's, dpo's) was trained on: its stage's in ``stage_dirs``,
+    else the path the manifest recorded. A base stage rebuilt since (its manifest is not the one the adapter's
+    stage read) is refused: the adapter fits only the weights it was trained on."""
+    manifest_path = Path(stage_dir) / "manifest.json"
+    if not manifest_path.is_file():
         raise BadInput(f"{stage_dir} holds an adapter but no manifest.json naming its base model")
-    base = json.loads(manifest.read_text())["outputs"]["base"]
-    return Path(stage_dirs[base["stage"]]) if base.get("stage") in stage_dirs else Path(base["path"])
+    manifest = json.loads(manifest_path.read_text())
+    base = manifest["outputs"]["base"]
+    stage = base.get("stage")
+    directory = Path(stage_dirs[stage]) if stage in stage_dirs else Path(base["path"])
+    read = manifest.get("inputs", {}).get(stage, {}).get("manifest_sha256")
+    if read and (directory / "manifest.json").is_file() and file_hash(directory / "manifest.json") != read:
+        raise BadInput(f"{stage} was rebuilt after {manifest.get('stage', Path(stage_dir).name)} trained its adapter "
+                       f"on it: run 'make {manifest.get('stage', Path(stage_dir).name)}' again")
+    return directory
 
 
 def keep_checkpoints(checkpoint_dir: Path, out_dir: Path) -> list[str]:

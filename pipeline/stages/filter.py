@@ -7,7 +7,8 @@ reading or extracting the crawl again.
 from __future__ import annotations
 
 from pipeline.config import as_plain
-from pipeline.contract import StageConfig, StageContext, StageResult, file_hash
+from pipeline.contract import StageConfig, StageContext, StageResult
+from pipeline.files import file_hash
 from pipeline.errors import BadInput
 from pipeline.filter.report import OUTPUTS, filter_counts, filter_metrics, filter_warnings, write_filter_reports
 from pipeline.filter.run import run_filter

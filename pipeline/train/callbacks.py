@@ -103,7 +103,10 @@ class GracefulStop(pl.Callback):
         # they are at a step end, so they keep the last checkpoint rather than meet at a barrier.
         if (self.received and isinstance(exception, SIGTERMException) and self.at_step_end
                 and trainer.world_size == 1):
-            self.saved_at_exit = self._save(trainer)
+            try:
+                self.saved_at_exit = self._save(trainer)
+            except Exception as e:  # a full disk, say: still a kill, resumed from the last checkpoint written
+                print(f"\n{self.received[0]} received; saving step {trainer.global_step} failed ({e})", flush=True)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self.at_step_end = False  # a checkpoint saved mid-validation would resume mid-validation

@@ -87,9 +87,24 @@ def test_oasst_pairs_are_every_two_ranked_siblings_better_first(tmp_path):
     assert len({p.id for p in result.conversations}) == 4
 
 
+def test_oasst_pairs_whatever_the_order_of_the_siblings_and_bad_trees_by_reason(tmp_path):
+    shuffled = _tree([_reply("B", 2), _reply("A", 0), _reply("C", 1)])
+    deleted = {"message_tree_id": "t3", "prompt": {"role": "prompter", "text": "Q", "deleted": True,
+                                                    "replies": [_reply("x", 0), _reply("y", 1)]}}
+    broken = {"message_tree_id": "t4", "prompt": {"role": "prompter", "text": "Q", "replies": 5}}
+    path = tmp_path / "trees.jsonl"
+    path.write_text("\n".join(json.dumps(t) for t in (shuffled, deleted, broken)) + "\n")
+    result = read_oasst_pairs(str(path), "oasst")
+    assert sorted((p.chosen, p.rejected) for p in result.conversations) == [("A", "B"), ("A", "C"), ("C", "B")]
+    assert sorted(p.id for p in result.conversations) == ["oasst:t1:root0000:0>1", "oasst:t1:root0000:0>2",
+                                                          "oasst:t1:root0000:1>2"]
+    assert result.bad == {"deleted_or_rejected": 1, "not_list_replies": 1}
+
+
 def test_oasst_pairs_from_the_real_trees(data_dir):
     result = read_oasst_pairs(str(data_dir / "instruct" / "oasst" / "en_100_tree.jsonl.gz"), "oasst")
-    assert len(result.conversations) > 500
+    assert len(result.conversations) == 732 and result.bad == {"synthetic": 5}  # trees a model prompted
+    assert len({p.id for p in result.conversations}) == 732
     assert all(p.prompt[-1]["role"] == "user" and p.chosen != p.rejected for p in result.conversations)
 
 

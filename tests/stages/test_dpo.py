@@ -91,7 +91,7 @@ def test_dpo_trains_tracks_reports_and_merges(sft_dir, bad_file, tmp_path, track
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"adapter", "comparison.md", "bad_records.json"} <= artifacts
 
-    # the SFT weights under the adapter are untouched; merge folds the adapter in (merge checks the logits)
+    # merge folds the adapter into the SFT model (merge checks the logits against the adapter model's)
     sft = load_model(sft_dir)
     merged_manifest = execute_stage("merge", load_stage("merge"), compose(
         *overrides(sft_dir, bad_file, tmp_path / "outputs", tracking_uri, experiment, data_dir), "merge.adapter=dpo"))
@@ -108,6 +108,8 @@ def test_bad_dpo_configs_and_inputs_are_named(sft_dir, bad_file, tmp_path, track
         compose(*args, "dpo.beta=0")
     with pytest.raises(ConfigCompositionException, match=r"dpo.loss=kto"):  # the schema's enum, at composition
         compose(*args, "dpo.loss=kto")
+    with pytest.raises(PipelineError, match=r"config key 'dpo.label_smoothing' is 0.1; it must be 0 with loss ipo"):
+        compose(*args, "dpo.loss=ipo", "dpo.label_smoothing=0.1")
     no_template = tmp_path / "base"
     no_template.mkdir()
     for name in ("model.pt", "tokenizer.json"):
@@ -154,3 +156,21 @@ def test_sigterm_then_resume_gives_the_uninterrupted_adapter(sft_dir, bad_file, 
     ours, theirs = (load_file(tmp_path / name / "demo" / "dpo" / "adapter" / "adapter_model.safetensors")
                     for name in ("killed", "straight"))
     assert ours.keys() == theirs.keys() and all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in ours)
+
+
+def test_an_adapter_whose_base_was_rebuilt_is_refused_down_the_chain(tmp_path):
+    """dpo's adapter sits on sft's output, itself an adapter on cpt: each link checks the manifest it read."""
+    from pipeline.files import file_hash
+    from pipeline.model.io import adapter_base
+
+    cpt, sft = tmp_path / "cpt", tmp_path / "sft"
+    cpt.mkdir()
+    sft.mkdir()
+    (cpt / "manifest.json").write_text(json.dumps({"stage": "cpt", "outputs": {}}))
+    (sft / "manifest.json").write_text(json.dumps({
+        "stage": "sft", "outputs": {"base": {"stage": "cpt", "path": str(cpt)}},
+        "inputs": {"cpt": {"manifest_sha256": file_hash(cpt / "manifest.json")}}}))
+    assert adapter_base(sft, {}) == cpt
+    (cpt / "manifest.json").write_text(json.dumps({"stage": "cpt", "outputs": {}, "rebuilt": True}))
+    with pytest.raises(PipelineError, match="cpt was rebuilt after sft trained its adapter on it: run 'make sft'"):
+        adapter_base(sft, {})
