@@ -106,3 +106,16 @@ def test_quick_sft_lora_bench_fine_tunes_the_same_model_both_ways(tmp_path):
     sizes = result["trainable_by_size"]
     assert sizes["gpt1"]["fraction"] < sizes["medium"]["fraction"] < sizes["mini"]["fraction"] < 0.05
     assert "sft_lora" in proc.stdout and "peak memory LoRA/full" in proc.stdout
+
+
+@pytest.mark.slow
+def test_quick_dpo_lora_bench_times_both_arms_on_the_same_batches(tmp_path):
+    proc = _bench("dpo_lora", tmp_path, f"paths.outputs_dir={tmp_path / 'outputs'}")  # no tokenizer: bytes
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "dpo_lora.json").read_text())
+    b, c = result["baseline"], result["candidate"]
+    assert result["tokenizer"].startswith("bytes") and result["rows_per_micro_batch"] == 2 * result["pairs_per_micro_batch"]
+    assert len(b["runs"]) == len(c["runs"]) == result["rounds"] == 2
+    assert result["ratio"] == pytest.approx(c["tokens_per_s"] / b["tokens_per_s"], abs=1e-3)
+    assert b["tokens_per_s"] > 0 and c["tokens_per_s"] > 0 and result["timed_steps"] == 4
+    assert "dpo_lora" in proc.stdout
