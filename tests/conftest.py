@@ -146,3 +146,19 @@ def tmpfs(path: Path, size: str):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def sigterm_at(proc: subprocess.Popen, checkpoint: Path, timeout: float = 300) -> str:
+    """Wait until the training run ``proc`` has written ``checkpoint``, send it SIGTERM, and return its output
+    once it has exited with status 143."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while not checkpoint.exists():
+        assert proc.poll() is None and time.time() < deadline, f"the run ended before writing {checkpoint.name}"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=timeout)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    return out

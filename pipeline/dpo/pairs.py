@@ -20,7 +20,6 @@ split hashes the prompt, so the sibling pairs of one OASST prompt all land on th
 """
 from __future__ import annotations
 
-import inspect
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from tokenizers import Tokenizer
 from pipeline.errors import BadInput
 from pipeline.sft.chat import IGNORE, ChatTemplate, Encoded, encode_conversation, encode_prompt
 from pipeline.sft.data import (ROLE_ALIASES, Conversation, ReadResult, Skip, check_turns, content_digest, own_id,
-                               read_records, text_field, usable_message)
+                               read_records, read_with, text_field, usable_message)
 
 NO_LIMIT = 2**31  # encode without cutting: a pair longer than the window is left out whole
 
@@ -148,15 +147,7 @@ READERS: dict[str, Callable[..., ReadResult]] = {"hh_rlhf": read_hh_rlhf, "oasst
 
 def read_pairs(format: str, path: str, name: str, **options) -> ReadResult:
     """One source read by the reader of ``format``; ``result.conversations`` holds its Pairs."""
-    reader = READERS.get(format)
-    if reader is None:
-        raise BadInput(f"source '{name}': format '{format}' is unknown; use one of {', '.join(READERS)}")
-    accepted = list(inspect.signature(reader).parameters)[2:]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise BadInput(f"source '{name}': format '{format}' takes no option {', '.join(unknown)} "
-                       f"(it takes: {', '.join(accepted) or 'none'})")
-    return reader(path, name, **options)
+    return read_with(READERS, format, path, name, **options)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Union
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
 
 from pipeline.data.sources import resolve_files
 from pipeline.errors import BadInput
@@ -374,17 +374,24 @@ READERS: dict[str, Callable[..., ReadResult]] = {
 }
 
 
-def read_source(format: str, path: str, name: str, **options) -> ReadResult:
-    """Read one source with the reader of ``format``; ``options`` are that reader's keyword arguments."""
-    reader = READERS.get(format)
+def read_with(readers: Mapping[str, Callable[..., ReadResult]], format: str, path: str, name: str,
+              **options) -> ReadResult:
+    """Read one source with the reader of ``format`` in ``readers``; ``options`` are that reader's keyword
+    arguments (an unknown format or option is an error naming the source)."""
+    reader = readers.get(format)
     if reader is None:
-        raise BadInput(f"source '{name}': format '{format}' is unknown; use one of {', '.join(READERS)}")
+        raise BadInput(f"source '{name}': format '{format}' is unknown; use one of {', '.join(readers)}")
     accepted = list(inspect.signature(reader).parameters)[2:]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise BadInput(f"source '{name}': format '{format}' takes no option {', '.join(unknown)} "
                        f"(it takes: {', '.join(accepted) or 'none'})")
     return reader(path, name, **options)
+
+
+def read_source(format: str, path: str, name: str, **options) -> ReadResult:
+    """Read one instruction source with the reader of ``format`` (``READERS``)."""
+    return read_with(READERS, format, path, name, **options)
 
 
 # ---------------------------------------------------------------------------------------------

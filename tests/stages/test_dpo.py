@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from pipeline.model.gpt import GPT, ModelConfig, load_model, save_model
 from pipeline.sft.chat import get_template
 from pipeline.stages import load_stage
 from pipeline.tokenizer.build import SpecialTokens, byte_tokenizer
-from tests.conftest import mlflow_runs
+from tests.conftest import mlflow_runs, sigterm_at
 
 
 @pytest.fixture(scope="module")
@@ -134,13 +132,7 @@ def test_sigterm_then_resume_gives_the_uninterrupted_adapter(sft_dir, bad_file, 
 
     proc = _cli(*runs["killed"][1])
     ckpt_dir = tmp_path / "killed" / "demo" / "dpo.ckpt"
-    deadline = time.time() + 300
-    while not (ckpt_dir / "step-000003.ckpt").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-3 checkpoint"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    out = sigterm_at(proc, ckpt_dir / "step-000003.ckpt")
     assert "run the same command again to resume" in out, out[-2000:]
     (killed,) = mlflow_runs(tracking_uri, runs["killed"][0])
     assert killed.info.status == "KILLED"

@@ -4,10 +4,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from pipeline.contract import StageResult, execute_stage, write_manifest
 from pipeline.errors import PipelineError
 from pipeline.model.gpt import load_model
 from pipeline.stages import load_stage
-from tests.conftest import mlflow_runs, tiny_tokenize_overrides
+from tests.conftest import mlflow_runs, sigterm_at, tiny_tokenize_overrides
 
 TINY_TRAIN = ["model=tiny", "pretrain.max_steps=30", "pretrain.micro_batch_size=8", "pretrain.eval_every_steps=10",
               "pretrain.eval_windows=20", "pretrain.log_every_steps=5", "pretrain.ckpt_every_steps=10",
@@ -252,13 +250,7 @@ def test_sigterm_then_resume_gives_the_uninterrupted_losses(outputs, tracking_ur
     args = (outputs, tracking_uri, killed, data_dir, *steps, f"paths.outputs_dir={tmp_path / 'killed'}")
     proc = _cli(*args)
     ckpt_dir = tmp_path / "killed" / "demo" / "pretrain.ckpt"
-    deadline = time.time() + 300
-    while not (ckpt_dir / "step-000020.ckpt").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-20 checkpoint"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    out = sigterm_at(proc, ckpt_dir / "step-000020.ckpt")
     saved = sorted(p.name for p in ckpt_dir.glob("step-*.ckpt"))
     stopped_at = int(saved[-1][5:11])
     assert 20 <= stopped_at < 60, f"the kill should land mid-run, checkpoints: {saved}"

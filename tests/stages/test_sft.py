@@ -6,10 +6,8 @@ tokenizer with the chat markers, given as sft.init.path, so no earlier stage has
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from pipeline.sft.chat import get_template, render
 from pipeline.sft.lora import load_adapter
 from pipeline.stages import load_stage
 from pipeline.tokenizer.build import SpecialTokens, byte_tokenizer
-from tests.conftest import mlflow_runs
+from tests.conftest import mlflow_runs, sigterm_at
 
 BAD_RECORDS = [
     {"instruction": "Say hi", "input": "", "output": "hi"},
@@ -226,13 +224,7 @@ def test_sigterm_then_resume_gives_the_uninterrupted_adapter(demo_sources, base_
 
     proc = _cli(*runs["killed"][1])
     ckpt_dir = tmp_path / "killed" / "demo" / "sft.ckpt"
-    deadline = time.time() + 300
-    while not (ckpt_dir / "step-000010.ckpt").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-10 checkpoint"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    out = sigterm_at(proc, ckpt_dir / "step-000010.ckpt")
     stopped_at = int(sorted(p.name for p in ckpt_dir.glob("step-*.ckpt"))[-1][5:11])
     assert 10 <= stopped_at < 40, out[-2000:]
 
