@@ -162,3 +162,12 @@ def sigterm_at(proc: subprocess.Popen, checkpoint: Path, timeout: float = 300) -
     out = proc.communicate(timeout=timeout)[0]
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
     return out
+
+
+@pytest.fixture
+def hub_offline(monkeypatch):
+    """Any attempt to reach the Hugging Face Hub fails instead of downloading (transformers, trl)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

@@ -23,7 +23,8 @@ from pipeline.train.module import OptimSpec
 from tests.model.conftest import VOCAB, random_model
 
 import trl  # noqa: E402,F401  a dev dependency: missing, the test fails rather than skips
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+              pytest.mark.usefixtures("hub_offline")]
 
 CONTEXT = 32
 # (prompt, chosen reply, rejected reply) lengths: chosen longer, shorter, equal, so rows pad differently
@@ -35,15 +36,6 @@ LOSSES = [("sigmoid", 0.1), ("ipo", 0.1), ("ipo", 0.5)]
 TOLERANCE = dict(abs=1e-5, rel=1e-6)
 KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
         "logps/rejected")
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    """Any attempt to reach the Hub fails instead of downloading."""
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 @pytest.fixture(scope="module")

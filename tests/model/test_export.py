@@ -11,16 +11,9 @@ from pipeline.model.export import export_transformers, import_transformers
 from pipeline.tokenizer.build import SpecialTokens, train_bpe
 from tests.model.conftest import VOCAB, random_model
 
+pytestmark = pytest.mark.usefixtures("hub_offline")  # nothing reaches the Hub
+
 TEXT = "To be, or not to be: that is the question. <|im_start|>user\nWhether 'tis nobler</s> in the mind"
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    """Any attempt to reach the Hub fails instead of downloading."""
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 @pytest.fixture(scope="module")

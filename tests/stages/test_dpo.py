@@ -5,6 +5,8 @@ dpo.init.path, so no earlier stage has to run.
 """
 from __future__ import annotations
 
+import gzip
+import itertools
 import json
 import math
 import subprocess
@@ -42,6 +44,16 @@ def sft_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def hh_head(tmp_path_factory, data_dir) -> Path:
+    """The first 400 HH-RLHF records (tests/dpo/test_pairs.py reads the whole file): a stage run reads less."""
+    path = tmp_path_factory.mktemp("hh") / "hh.jsonl.gz"
+    with gzip.open(data_dir / "preference" / "hh_rlhf" / "harmless-base-test.jsonl.gz", "rt") as src, \
+            gzip.open(path, "wt") as dst:
+        dst.writelines(itertools.islice(src, 400))
+    return path
+
+
+@pytest.fixture(scope="module")
 def bad_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("pairs") / "mine.jsonl"
     records = [{"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: hello"},
@@ -51,18 +63,19 @@ def bad_file(tmp_path_factory) -> Path:
     return path
 
 
-def overrides(sft_dir: Path, bad_file: Path, outputs: Path, tracking_uri: str, experiment: str, data_dir: Path,
-              *extra: str) -> list[str]:
+def overrides(sft_dir: Path, hh: Path, bad_file: Path, outputs: Path, tracking_uri: str, experiment: str,
+              data_dir: Path, *extra: str) -> list[str]:
     return [f"paths.outputs_dir={outputs}", f"tracking.uri={tracking_uri}", f"tracking.experiment={experiment}",
             f"paths.data_dir={data_dir}", "dpo.init.stage=null", f"dpo.init.path={sft_dir}",
+            f"dpo.sources.hh.path={hh}",
             "~dpo.sources.oasst", f"+dpo.sources.mine={{format: hh_rlhf, path: {bad_file}}}",
             "dpo.val_fraction=0.2", "dpo.val_max_per_source=16", "dpo.max_steps=8", "dpo.micro_batch_size=4",
             "dpo.eval_every_steps=4", "dpo.log_every_steps=2", "dpo.ckpt_every_steps=4", "dpo.optim.warmup_steps=1",
             "dpo.optim.lr=1e-2", "dpo.beta=0.5", "dpo.generate.per_source=2", "dpo.generate.max_new_tokens=4", *extra]
 
 
-def test_dpo_trains_tracks_reports_and_merges(sft_dir, bad_file, tmp_path, tracking_uri, experiment, data_dir):
-    cfg = compose(*overrides(sft_dir, bad_file, tmp_path / "outputs", tracking_uri, experiment, data_dir))
+def test_dpo_trains_tracks_reports_and_merges(sft_dir, hh_head, bad_file, tmp_path, tracking_uri, experiment, data_dir):
+    cfg = compose(*overrides(sft_dir, hh_head, bad_file, tmp_path / "outputs", tracking_uri, experiment, data_dir))
     manifest = execute_stage("dpo", load_stage("dpo"), cfg)
     out = tmp_path / "outputs" / "demo" / "dpo"
     (run,) = mlflow_runs(tracking_uri, experiment)
@@ -78,7 +91,7 @@ def test_dpo_trains_tracks_reports_and_merges(sft_dir, bad_file, tmp_path, track
     # before training the policy is the reference; after, the held-out pairs moved towards the chosen replies
     assert m["before/loss"] == pytest.approx(math.log(2), abs=1e-6) and m["before/kl"] == pytest.approx(0, abs=1e-6)
     assert m["before_hh/reward_accuracy"] == 0.0
-    assert m["val/kl"] > 0 and m["val/reward_margin"] > 0 and m["val/loss"] < math.log(2)
+    assert m["val/kl"] > 0 and m["val/reward_margin"] > 0 and m["val/reward_accuracy"] > 0
     for key in ("train/loss", "train/reward_accuracy", "train/reward_margin", "train/tokens_per_s",
                 "val_hh/ranking_accuracy", "before_hh/ranking_accuracy", "val_hh/chosen_logp", "dpo/trainable_params"):
         assert key in m, key
@@ -92,7 +105,7 @@ def test_dpo_trains_tracks_reports_and_merges(sft_dir, bad_file, tmp_path, track
     # merge folds the adapter into the SFT model (merge checks the logits against the adapter model's)
     sft = load_model(sft_dir)
     merged_manifest = execute_stage("merge", load_stage("merge"), compose(
-        *overrides(sft_dir, bad_file, tmp_path / "outputs", tracking_uri, experiment, data_dir), "merge.adapter=dpo"))
+        *overrides(sft_dir, hh_head, bad_file, tmp_path / "outputs", tracking_uri, experiment, data_dir), "merge.adapter=dpo"))
     assert merged_manifest["inputs"].keys() == {"dpo"} and merged_manifest["metrics"]["merge/max_logit_diff"] < 1e-4
     merged = load_model(tmp_path / "outputs" / "demo" / "merge")
     ids = torch.randint(0, 200, (1, 16))
@@ -100,8 +113,8 @@ def test_dpo_trains_tracks_reports_and_merges(sft_dir, bad_file, tmp_path, track
         assert not torch.allclose(merged(ids)[0], sft(ids)[0]), "the DPO adapter changed the model"
 
 
-def test_bad_dpo_configs_and_inputs_are_named(sft_dir, bad_file, tmp_path, tracking_uri, experiment, data_dir):
-    args = overrides(sft_dir, bad_file, tmp_path / "outputs", tracking_uri, experiment, data_dir)
+def test_bad_dpo_configs_and_inputs_are_named(sft_dir, hh_head, bad_file, tmp_path, tracking_uri, experiment, data_dir):
+    args = overrides(sft_dir, hh_head, bad_file, tmp_path / "outputs", tracking_uri, experiment, data_dir)
     with pytest.raises(PipelineError, match=r"config key 'dpo.beta' is 0.0; it must be positive"):
         compose(*args, "dpo.beta=0")
     with pytest.raises(ConfigCompositionException, match=r"dpo.loss=kto"):  # the schema's enum, at composition
@@ -123,10 +136,10 @@ def _cli(*args: str) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_sigterm_then_resume_gives_the_uninterrupted_adapter(sft_dir, bad_file, tmp_path, tracking_uri, data_dir):
+def test_sigterm_then_resume_gives_the_uninterrupted_adapter(sft_dir, hh_head, bad_file, tmp_path, tracking_uri, data_dir):
     steps = ["dpo.max_steps=12", "dpo.ckpt_every_steps=3", "dpo.eval_every_steps=12", "dpo.generate.per_source=0"]
     runs = {name: (f"{name}-{uuid.uuid4().hex[:6]}",) for name in ("straight", "killed")}
-    runs = {name: (e, overrides(sft_dir, bad_file, tmp_path / name, tracking_uri, e, data_dir, *steps))
+    runs = {name: (e, overrides(sft_dir, hh_head, bad_file, tmp_path / name, tracking_uri, e, data_dir, *steps))
             for name, (e,) in runs.items()}
     execute_stage("dpo", load_stage("dpo"), compose(*runs["straight"][1]))
 
