@@ -19,17 +19,17 @@ from pipeline import PROJECT_ROOT
 from pipeline.data.sources import SourceSpec, StageOrPath
 from pipeline.dedup.evaluate import EvalSpec
 from pipeline.dedup.run import DedupSpec
-from pipeline.dpo.train import LossType
+from pipeline.dpo.spec import LossType
 from pipeline.errors import ConfigError, PipelineError, check, choice
 from pipeline.filter.run import CrawlSource
 from pipeline.filter.steps import StepsSpec
-from pipeline.model.gpt import ModelConfig
+from pipeline.model.spec import ModelConfig
 from pipeline.sft.chat import Template
-from pipeline.sft.lora import LoraSpec
+from pipeline.sft.spec import LoraSpec
 from pipeline.tokenizer.build import TokenizerSpec
-from pipeline.tokenizer.encode import EncodeSpec
+from pipeline.tokenizer.spec import EncodeSpec
 from pipeline.tracking import TrackingSettings
-from pipeline.train.run import TrainerSpec, TrainSpec
+from pipeline.train.spec import TrainerSpec, TrainSpec
 
 CONF_DIR = PROJECT_ROOT / "conf"
 T = TypeVar("T")
@@ -215,7 +215,7 @@ class DpoConfig(TrainSpec):
 
     def __post_init__(self):
         super().__post_init__()
-        from pipeline.dpo.train import DpoLoss
+        from pipeline.dpo.spec import DpoLoss
 
         self.loss = DpoLoss(self.beta, self.loss, self.label_smoothing).loss  # checks all three
         self.sources = entries(self.sources, DpoSource, "sources")

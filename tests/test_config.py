@@ -17,7 +17,7 @@ from pipeline.config import compose as compose_typed
 from pipeline.contract import stage_config
 from pipeline.data.sources import SourceSpec, StageOrPath, resolve_files
 from pipeline.errors import PipelineError
-from pipeline.model.gpt import BlockKind
+from pipeline.model.spec import BlockKind
 from pipeline.sft.lora import LoraSpec
 from pipeline.tokenizer.build import TokenizerKind
 from pipeline.stages import STAGES, TOOLS, load_stage

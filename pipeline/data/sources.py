@@ -7,13 +7,15 @@ import os
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Callable, Mapping, Optional
 
-import datasets
 import fsspec
 import numpy as np
 
 from pipeline.errors import BadInput, ConfigError, choice
+
+if TYPE_CHECKING:
+    import datasets
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text",
            ".md": "text", ".rst": "text"}
@@ -153,6 +155,8 @@ def find_bad_json_record(files: list[str], text_field: str) -> Optional[str]:
 
 def load_source(name: str, spec: SourceSpec, cache_dir: str) -> datasets.Dataset:
     """Load one source as a Dataset with a single string column ``text``."""
+    import datasets  # here, not at the top: the config reads SourceSpec, and datasets takes seconds to import
+
     assert spec.path is not None, f"source '{name}': an upstream stage's documents are read by their path"
     files = resolve_files(name, spec.path)
     fmt = spec.format or infer_format(name, files)
@@ -192,6 +196,8 @@ def with_stage_paths(sources: Mapping[str, SourceSpec], stage_dirs: Mapping[str,
 
 def load_documents(sources: Mapping[str, SourceSpec], cache_dir: str) -> datasets.Dataset:
     """All sources as one Dataset with columns ``text`` and ``source`` (an index into ``sources``)."""
+    import datasets
+
     if not sources:
         raise BadInput("no sources configured: add one under tokenize.sources (see conf/experiment/demo.yaml)")
     parts = []

@@ -22,7 +22,6 @@ model), and the KL from the reference, per reply token, over the vocabulary at e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -33,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pipeline.dpo.pairs import EncodedPair, PreferenceData
-from pipeline.errors import check, choice
+from pipeline.dpo.spec import DpoLoss, LossType
 from pipeline.sft.batching import pad_batch
 from pipeline.sft.chat import IGNORE
 from pipeline.sft.lora import LoraSpec, add_lora, trainable_fraction
@@ -41,25 +40,6 @@ from pipeline.sft.train import SFTBatches, SFTModule
 from pipeline.train.data import FromStep
 from pipeline.train.module import OptimSpec
 from pipeline.train.run import TrainerSpec, TrainOutcome, TrainSpec, fit
-
-
-class LossType(StrEnum):
-    sigmoid = "sigmoid"  # DPO
-    ipo = "ipo"
-
-
-@dataclass
-class DpoLoss:
-    beta: float = 0.1  # strength of the pull towards the reference (DPO's beta; IPO's tau)
-    loss: LossType = LossType.sigmoid
-    label_smoothing: float = 0.0  # conservative DPO: the assumed share of flipped labels (sigmoid only)
-
-    def __post_init__(self):
-        self.loss = choice(LossType, self.loss, "loss")
-        check(self.beta > 0, "beta", self.beta, "positive")
-        check(0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "in [0, 0.5)")
-        check(self.loss == LossType.sigmoid or self.label_smoothing == 0, "label_smoothing", self.label_smoothing,
-              "0 with loss ipo (label smoothing is conservative DPO's, for the sigmoid loss)")
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -23,39 +22,8 @@ import torch.nn.functional as F
 from pipeline.errors import BadInput, MissingUpstream, PipelineError
 from pipeline.model.checkpoints import checkpoint_dir_for, latest_checkpoint
 from pipeline.model.gpt import GPT, MODEL_FILE, KVCache
+from pipeline.model.spec import STRATEGIES, DecodeSpec
 from pipeline.model.io import load_pretrained, model_kind, tokenizer_candidates
-
-STRATEGIES = ("greedy", "sample", "beam")
-
-
-@dataclass
-class DecodeSpec:
-    strategy: str = "greedy"  # greedy | sample | beam
-    max_new_tokens: int = 64
-    temperature: float = 1.0  # sample: logits are divided by it (higher: flatter)
-    top_k: int = 0  # sample: keep the k most likely tokens; 0 = off
-    top_p: float = 1.0  # sample: keep the smallest set whose probability reaches top_p; 1.0 = off
-    num_beams: int = 4  # beam
-    length_penalty: float = 1.0  # beam: a hypothesis scores logprob / length ** length_penalty
-    seed: int = 0  # sample: the same seed gives the same text
-
-    def __post_init__(self):
-        problems = []
-        if self.strategy not in STRATEGIES:
-            problems.append(f"strategy={self.strategy!r}: expected one of {STRATEGIES}")
-        if self.max_new_tokens < 0:
-            problems.append(f"max_new_tokens={self.max_new_tokens}: must be >= 0")
-        if self.temperature <= 0:
-            problems.append(f"temperature={self.temperature}: must be > 0 (strategy=greedy takes the argmax)")
-        if self.top_k < 0:
-            problems.append(f"top_k={self.top_k}: must be >= 0 (0 turns it off)")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p={self.top_p}: must be in (0, 1] (1 turns it off)")
-        if self.num_beams < 1:
-            problems.append(f"num_beams={self.num_beams}: must be >= 1")
-        if problems:
-            raise BadInput("decoding: " + "; ".join(problems))
-
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """``logits`` (..., vocab) with all but the ``k`` largest of each row set to -inf; k=0 keeps all."""

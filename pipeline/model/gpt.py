@@ -10,60 +10,18 @@ id per example, so that no token sees another example's tokens or offset (pipeli
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from enum import StrEnum
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import BadInput, check, choice
-
-
-class BlockKind(StrEnum):
-    gpt = "gpt"  # GPT-2: learned positions, LayerNorm, GELU MLP
-    llama = "llama"  # RoPE, RMSNorm, SwiGLU MLP, no biases
+from pipeline.errors import BadInput
+from pipeline.model.spec import ModelConfig
 
 
 # One (key, value) pair per layer, each (batch, heads, time, head_dim).
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass
-class ModelConfig:
-    block: BlockKind = BlockKind.gpt
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 128
-    d_ff: Optional[int] = 512  # feed-forward width; None: 4 * d_model (the standard GPT shape)
-    context: int = 128  # longest sequence the model sees (learned positions exist up to here)
-    vocab_size: Optional[int] = None  # None: taken from the tokenizer
-    dropout: float = 0.0
-    bias: bool = True  # linear and norm biases (gpt only; llama has none)
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0  # llama only
-    init_std: float = 0.02
-
-    def __post_init__(self):
-        if self.d_ff is None:
-            self.d_ff = 4 * self.d_model
-        self.block = choice(BlockKind, self.block, "block")
-        check(self.n_layer >= 1, "n_layer", self.n_layer, "at least 1")
-        check(self.n_head >= 1 and self.d_model % self.n_head == 0, "n_head", self.n_head,
-              f"at least 1 and divide d_model ({self.d_model})")
-        check(self.context >= 2, "context", self.context, "at least 2")
-        check(0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
-        if self.block == "llama":
-            self.bias = False
-
-    def as_dict(self) -> dict:
-        """Plain values (the block as a string), as checkpoints and model.pt store them."""
-        return {**asdict(self), "block": self.block.value}
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
 
 
 def _norm(cfg: ModelConfig) -> nn.Module:

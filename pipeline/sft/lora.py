@@ -21,28 +21,16 @@ models only, since its PeftModel subclass expects their ``input_ids``/``generate
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from enum import StrEnum
+from dataclasses import fields
 from pathlib import Path
 from typing import Union
 
 from tokenizers import Tokenizer
 from torch import nn
 
-from pipeline.errors import BadInput, check, choice
+from pipeline.errors import BadInput
 from pipeline.sft.chat import ChatTemplate, get_template
-
-ATTENTION = ["attn.qkv", "attn.proj"]
-MLP = ["mlp.up", "mlp.down", "mlp.gate"]  # mlp.gate: llama blocks only
-
-
-class Bias(StrEnum):
-    """Which biases train beside the adapters."""
-
-    none = "none"
-    all = "all"
-    lora_only = "lora_only"
-
+from pipeline.sft.spec import ATTENTION, MLP, LoraSpec
 
 # Our generic names in each transformers family (model.config.model_type).
 _GENERIC = {
@@ -52,21 +40,6 @@ _GENERIC = {
               "attn.proj": ["self_attn.o_proj"], "mlp.up": ["mlp.up_proj"], "mlp.down": ["mlp.down_proj"],
               "mlp.gate": ["mlp.gate_proj"]},
 }
-
-
-@dataclass
-class LoraSpec:
-    rank: int = 8
-    alpha: float = 16  # updates are scaled by alpha / rank
-    dropout: float = 0.0  # on the adapter's input, in training only; > 0 also keeps a dropped copy of it for backward
-    targets: list[str] = field(default_factory=lambda: list(ATTENTION))  # module-name suffixes; add MLP for the MLP
-    bias: Bias = Bias.none
-    tokens: list[int] = field(default_factory=list)  # token ids whose embedding rows train too (tied output rows follow)
-
-    def __post_init__(self):
-        self.bias = choice(Bias, self.bias, "bias")
-        check(self.rank >= 1, "rank", self.rank, "at least 1")
-        check(0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
 
 
 def chat_lora(spec: LoraSpec, template: Union[str, ChatTemplate], tokenizer: Tokenizer,

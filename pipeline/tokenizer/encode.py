@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 
 from pipeline.data.shards import ShardWriter, open_shards, token_dtype
 from pipeline.data.sources import SourceSpec, infer_format, load_documents, resolve_files
-from pipeline.errors import BadInput, check, shown_path
+from pipeline.errors import BadInput, shown_path
 from pipeline.tokenizer.build import vocab_bound
+from pipeline.tokenizer.spec import EncodeSpec
 
 TRAIN, VAL, EMPTY = 0, 1, -1
 # Document length histogram bin edges, in tokens (EOS included); the last bin is open-ended.
@@ -238,19 +239,6 @@ def write_token_shards(encoded: datasets.Dataset, out_dir: Path, vocab_size: int
     index = {"dtype": dtype.name, "splits": {name: w.close() for name, w in writers.items()}}
     return {"index": index, "counts": {name: {k: v.tolist() for k, v in c.items()} for name, c in counts.items()},
             "length_histogram": {"bins": LENGTH_BINS, "counts": length_counts.tolist()}}
-
-
-@dataclass
-class EncodeSpec:
-    """How documents become shards: the tokenize stage's settings, which cpt's domain corpus follows too."""
-
-    num_proc: int = 2  # processes for encoding
-    batch_size: int = 5000  # documents per encode batch
-    max_shard_tokens: int = 2**27  # a new shard file starts past this many tokens
-
-    def __post_init__(self):
-        for key in ("num_proc", "batch_size", "max_shard_tokens"):
-            check(getattr(self, key) >= 1, key, getattr(self, key), "at least 1")
 
 
 @dataclass

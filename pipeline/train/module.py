@@ -2,44 +2,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from enum import StrEnum
 from typing import Optional
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import check, choice
 from pipeline.model.gpt import GPT, ModelConfig
-
-class Schedule(StrEnum):
-    cosine = "cosine"
-    wsd = "wsd"  # warmup, stable, then a linear decay over the last decay_fraction of the steps
-    constant = "constant"  # after warmup
-
-
-@dataclass
-class OptimSpec:
-    lr: float = 1e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
-    warmup_steps: int = 100
-    schedule: Schedule = Schedule.cosine
-    decay_fraction: float = 0.2  # wsd: the last share of steps that decays linearly
-    weight_decay: float = 0.1  # on weight matrices only: never on norms, biases or embeddings
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-
-    def __post_init__(self):
-        self.schedule = choice(Schedule, self.schedule, "schedule")
-        check(self.lr > 0, "lr", self.lr, "positive")
-        check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "at least 0")
-        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
-
-    def as_dict(self) -> dict:
-        """Plain values (the schedule as a string), as checkpoints store them."""
-        return {**asdict(self), "schedule": self.schedule.value}
-
+from pipeline.train.spec import OptimSpec, Schedule
 
 class LRSchedule:
     """Multiplier of the peak learning rate at a step.

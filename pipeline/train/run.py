@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Protocol, Union
 
@@ -10,13 +10,14 @@ import pytorch_lightning as pl
 import torch
 from tokenizers import Tokenizer
 
-from pipeline.errors import StageKilled, check
+from pipeline.errors import StageKilled
 from pipeline.model.checkpoints import latest_checkpoint
 from pipeline.model.gpt import GPT, ModelConfig, flops_per_token, non_embedding_params
 from pipeline.tokenizer.encode import TokenShards
 from pipeline.train.callbacks import Checkpointer, FiniteLossGuard, GracefulStop, Samples, TrainMetrics, validation_results
 from pipeline.train.data import TokenDataModule
-from pipeline.train.module import LanguageModel, OptimSpec
+from pipeline.train.module import LanguageModel
+from pipeline.train.spec import TrainerSpec, TrainSpec
 
 # Dense peak FLOP/s per device for MFU, bf16 tensor cores where the device has them (vendor datasheets).
 PEAK_FLOPS = {
@@ -29,46 +30,6 @@ PEAK_FLOPS = {
     "V100": 125e12,
     "T4": 65e12,
 }
-
-
-@dataclass
-class TrainerSpec:
-    """Where and how Lightning runs (conf/trainer/): the presets differ only here."""
-
-    accelerator: str = "auto"  # cpu | gpu | auto
-    devices: int = 1
-    num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | fsdp | ...
-    precision: str = "auto"  # auto: bf16-mixed on GPUs that support it, else 32-true
-    cpu_peak_flops_per_core: float = 1e11  # for MFU on CPU: 3 GHz * 32 fp32 FLOP/cycle (two AVX2 FMA units)
-    peak_flops: Optional[float] = None  # override the table (FLOP/s per device)
-    matmul_precision: str = "high"  # torch.set_float32_matmul_precision (TF32 on Ampere and newer)
-
-
-@dataclass
-class TrainSpec:
-    """The optimisation of one run; pretrain and cpt each have one (conf/pretrain.yaml, conf/cpt.yaml)."""
-
-    max_steps: int = 1000
-    micro_batch_size: int = 16  # sequences per forward pass on one device
-    grad_accum: int = 1  # micro-batches per optimizer step
-    grad_clip: float = 1.0  # max global gradient norm; 0 = off
-    optim: OptimSpec = field(default_factory=OptimSpec)
-    eval_every_steps: int = 100
-    eval_windows: int = 200  # validation windows of `context` tokens per set (spread over the set)
-    log_every_steps: int = 10
-    ckpt_every_steps: int = 100
-    keep_checkpoints: int = 2
-    sample_every_steps: int = 0  # 0: only at the end
-    sample_prompts: list[str] = field(default_factory=list)
-    sample_tokens: int = 48
-    compile: bool = False  # torch.compile the model
-
-    def __post_init__(self):
-        for key in ("max_steps", "micro_batch_size", "grad_accum", "eval_every_steps", "eval_windows"):
-            check(getattr(self, key) >= 1, key, getattr(self, key), "at least 1")
-        check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "at least 0 (0: off)")
-        check(self.ckpt_every_steps >= 0, "ckpt_every_steps", self.ckpt_every_steps, "at least 0 (0: only at the end)")
 
 
 def precision_for(spec: TrainerSpec) -> str:
