@@ -139,12 +139,12 @@ $(OUT)/merge/manifest.json: $(OUT)/$(MERGE_ADAPTER)/manifest.json $(OUT)/.args/m
 		conf/dpo.yaml pipeline/stages/merge.py $(wildcard pipeline/sft/*.py) $(wildcard pipeline/dpo/*.py)
 	$(STAGE) merge $(STAGE_ARGS)
 
-evaluate: $(OUT)/evaluate/manifest.json ## Perplexity, bits per byte and prompting accuracy of pretrain, cpt and sft
+evaluate: $(OUT)/evaluate/manifest.json ## pretrain, cpt, sft, dpo: perplexity, prompting, harness agreement, TL;DR, bias, task head
 
 $(eval $(call args_stamp,evaluate))
-$(OUT)/evaluate/manifest.json: $(OUT)/merge/manifest.json $(OUT)/cpt/manifest.json $(OUT)/pretrain/manifest.json \
-		$(OUT)/.args/evaluate $(MODEL_DEPS) \
-		conf/evaluate.yaml pipeline/stages/evaluate.py $(wildcard pipeline/evaluate/*.py)
+$(OUT)/evaluate/manifest.json: $(OUT)/merge/manifest.json $(OUT)/dpo/manifest.json $(OUT)/cpt/manifest.json \
+		$(OUT)/pretrain/manifest.json $(OUT)/.args/evaluate $(MODEL_DEPS) \
+		conf/evaluate.yaml $(wildcard conf/harness/*.yaml) pipeline/stages/evaluate.py $(wildcard pipeline/evaluate/*.py)
 	$(STAGE) evaluate $(STAGE_ARGS)
 
 SWEEP ?= demo

@@ -23,7 +23,8 @@ from pipeline.dpo.spec import LossType
 from pipeline.errors import ConfigError, PipelineError, check, choice
 from pipeline.filter.run import CrawlSource
 from pipeline.filter.steps import StepsSpec
-from pipeline.model.spec import ModelConfig
+from pipeline.evaluate.spec import HeadSpec
+from pipeline.model.spec import DecodeSpec, ModelConfig
 from pipeline.sft.chat import Template
 from pipeline.sft.spec import LoraSpec
 from pipeline.tokenizer.build import TokenizerSpec
@@ -262,6 +263,52 @@ class Device(StrEnum):
 
 
 @dataclass
+class HarnessConfig:
+    """The agreement check with lm-evaluation-harness (pipeline/evaluate/harness.py): the same prompting tasks
+    scored by lm-eval on each model's transformers export and by the project, 0-shot."""
+
+    enabled: bool = False
+    tasks: List[str] = field(default_factory=lambda: ["sst2", "piqa"])  # evaluate.tasks entries (sst2/piqa readers)
+    crows_pairs: bool = True  # also CrowS-Pairs, scored like the harness's crows_pairs_english (needs evaluate.bias.path)
+    limit: Optional[int] = 100  # the first N examples (pairs) of each; None: each task's own limit
+
+
+@dataclass
+class SummarizeConfig:
+    """Zero-shot summarization of the Python PEPs by "TL;DR:" (pipeline/evaluate/summarize.py)."""
+
+    enabled: bool = False  # conf/evaluate.yaml turns each of these on with its data's path
+    path: Optional[str] = None  # peps.jsonl.gz; required when enabled
+    limit: Optional[int] = 40  # PEPs with an Abstract, drawn with `seed`; None: all
+    seed: int = 0  # the sample and the random-3 baseline
+    max_new_tokens: int = 32  # the summary's token budget
+    cpu_threads: int = 1  # torch threads while decoding on the CPU
+    # name -> DecodeSpec (pipeline/model/spec.py); GPT-2's paper used top-k 2
+    decodings: Dict[str, Any] = field(default_factory=lambda: {"greedy": {"strategy": "greedy"},
+                                                               "top_k2": {"strategy": "sample", "top_k": 2}})
+
+    def __post_init__(self):
+        self.decodings = entries(self.decodings, DecodeSpec, "decodings")
+        check(not self.enabled or bool(self.path), "path", self.path, "set when enabled (the PEPs' peps.jsonl.gz)")
+        check(bool(self.decodings), "decodings", self.decodings, "at least one decoding")
+        check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "at least 1")
+        check(self.limit is None or self.limit >= 1, "limit", self.limit, "at least 1, or null for all")
+
+
+@dataclass
+class BiasConfig:
+    """The CrowS-Pairs bias probe (pipeline/evaluate/bias.py)."""
+
+    enabled: bool = False
+    path: Optional[str] = None  # crows_pairs_anonymized.csv; required when enabled
+    limit: Optional[int] = None  # the first N pairs (not stratified by bias type); None: all 1,508
+
+    def __post_init__(self):
+        check(not self.enabled or bool(self.path), "path", self.path, "set when enabled (crows_pairs_anonymized.csv)")
+        check(self.limit is None or self.limit >= 1, "limit", self.limit, "at least 1, or null for all")
+
+
+@dataclass
 class EvaluateConfig:
     # name -> StageOrPath (a training stage's model, or a transformers directory, a stage directory or a .ckpt)
     models: Dict[str, Any] = field(default_factory=dict)
@@ -274,6 +321,10 @@ class EvaluateConfig:
     prefix_token: Optional[str] = None  # token before each document; None: tokenizer.special_tokens.eos
     context: Optional[int] = None  # transformers models: window length; None: the model's maximum
     device: Device = Device.auto
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
+    summarize: SummarizeConfig = field(default_factory=SummarizeConfig)
+    bias: BiasConfig = field(default_factory=BiasConfig)
+    head: HeadSpec = field(default_factory=HeadSpec)  # frozen model + linear head, and LoRA + head, on SST-2
 
     def __post_init__(self):
         self.models = entries(self.models, StageOrPath, "models")

@@ -28,7 +28,12 @@ TINY = [
     "dpo.val_max_per_source=8", "dpo.generate.per_source=1", "dpo.generate.max_new_tokens=4",
     "evaluate.sets.corpus.max_documents=10", "evaluate.sets.domain.max_documents=10",
     "evaluate.tasks.sst2.limit=8", "evaluate.tasks.sst2.shots=[0]", "evaluate.tasks.piqa.limit=8",
+    "evaluate.harness.limit=6", "evaluate.summarize.limit=2", "evaluate.summarize.max_new_tokens=4",
+    "evaluate.bias.limit=12", "evaluate.head.train_limit=24", "evaluate.head.eval_limit=8", "evaluate.head.epochs=2",
+    "evaluate.head.lora_steps=2",
 ]
+CHECKS = {"harness": "harness/{}/sst2/accuracy", "summarize": "summarize/{}/greedy/rouge1",
+          "bias": "bias/{}/pct_stereotype", "head": "head/{}/frozen/dev_accuracy"}
 
 
 @pytest.mark.slow
@@ -47,7 +52,18 @@ def test_the_demo_runs_from_filter_to_evaluate(make_cfg, tracking_uri, experimen
     assert filtered["kept"] + filtered["rejected"] == filtered["input"] > 0
     assert deduped["input"] == filtered["kept"] and deduped["kept"] + deduped["removed"] == deduped["input"]
     assert manifests["tokenize"]["counts"]["per_source"]["web"]["train"]["documents"] > 0
-    assert set(manifests["evaluate"]["counts"]["parameters"]) == {"pretrain", "cpt", "sft"}
+    evaluated = manifests["evaluate"]
+    assert set(evaluated["counts"]["parameters"]) == {"pretrain", "cpt", "sft", "dpo"}
+    for model in ("pretrain", "cpt", "sft", "dpo"):  # every check ran on every model (the harness: those with hf/)
+        for check, metric in CHECKS.items():
+            assert (metric.format(model) in evaluated["metrics"]) == (check != "harness" or model != "dpo"), \
+                (model, check)
+            assert evaluated["metrics"][f"seconds/{model}/{check}"] >= 0
+    m = evaluated["metrics"]
+    assert m["bias/pretrain/n"] + m["bias/pretrain/skipped"] == 12, "pairs longer than the 64-token context are counted"
+    assert m["head/pretrain/n_train"] == 24
+    report = (tmp_path / "outputs" / "demo" / "evaluate" / "results.md").read_text()
+    assert "All 9 comparisons agree" in report and "Not compared: dpo (no transformers export)" in report
 
     runs = mlflow_runs(tracking_uri, experiment)
     assert sorted((r.data.tags["stage"], r.info.status) for r in runs) == sorted((s, "FINISHED") for s in CHAIN)

@@ -28,6 +28,8 @@ class ScoredModel:
     prefix_id: int
     context: int
     parameters: int
+    network: Optional[torch.nn.Module] = None  # the loaded model itself (our GPT, or a transformers causal LM), in eval mode
+    kind: str = "pipeline"  # pipeline (pipeline.model.gpt.GPT) | transformers
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
@@ -43,7 +45,7 @@ def pipeline_model(name: str, path: Path, prefix_token: str, device: str, key: s
     tokenizer.encode_special_tokens = True  # as in training: "</s>" inside a document is text
     prefix_id = token_id(tokenizer, prefix_token, path, "evaluate.prefix_token")
     return ScoredModel(name, lambda ids: model(ids)[0], tokenizer, prefix_id, model.cfg.context,
-                       sum(p.numel() for p in model.parameters()))
+                       sum(p.numel() for p in model.parameters()), model)
 
 
 def transformers_model(name: str, directory: Path, prefix_token: Optional[str], device: str,
@@ -79,7 +81,7 @@ def transformers_model(name: str, directory: Path, prefix_token: Optional[str], 
     if context is None:
         raise BadInput(f"{directory}: config.json states no context length; set evaluate.context")
     return ScoredModel(name, lambda ids: model(input_ids=ids).logits, tokenizer, prefix_id, int(context),
-                       sum(p.numel() for p in model.parameters()))
+                       sum(p.numel() for p in model.parameters()), model, "transformers")
 
 
 def load_any(name: str, path: Path, prefix_token: Optional[str], eos_token: str, device: str,

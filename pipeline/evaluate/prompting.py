@@ -83,6 +83,8 @@ class TaskResult:
     predictions: list[tuple[int, int]]  # (label, predicted) per example
     labels: list[str] = field(default_factory=list)  # label names for the confusion table
     skipped: int = 0  # examples left out: a candidate answer alone is longer than the model's context
+    scored: list[int] = field(default_factory=list)  # index of each scored example (predictions' order)
+    loglikelihoods: list[list[float]] = field(default_factory=list)  # per scored example, each candidate's sum (nats)
 
     def metrics(self) -> dict[str, float]:
         return {"accuracy": self.accuracy, "random_baseline": self.random_baseline,
@@ -118,8 +120,10 @@ def read_sst2(path: Path) -> list[Example]:
     out = []
     for number, line in enumerate(_lines(path), 1):
         parts = line.split("\t")
-        if len(parts) != 2 or not parts[0].strip():
+        if len(parts) != 2:
             raise BadInput(f"{path}, line {number}: expected 'sentence<TAB>label', got {line[:60]!r}")
+        if not parts[0].strip():
+            raise BadInput(f"{path}, line {number}: the sentence is empty")
         out.append(Example({"sentence": parts[0]}, _binary_label(parts[1], f"{path}, line {number}")))
     return out
 
@@ -160,7 +164,7 @@ def _fill(template: str, example: Example, where: str) -> str:
         raise BadInput(f"{where}: the template {template!r} is not a format string with named slots ({e})") from e
 
 
-def _candidates(task: PromptTask, example: Example, where: str) -> list[tuple[str, int]]:
+def answer_candidates(task: PromptTask, example: Example, where: str) -> list[tuple[str, int]]:
     """(answer text, label) pairs to score for ``example``."""
     if task.answers is not None:
         return list(task.answers.items())
@@ -172,7 +176,7 @@ def _candidates(task: PromptTask, example: Example, where: str) -> list[tuple[st
 
 
 def _check_label(task: PromptTask, example: Example, where: str) -> None:
-    possible = {label for _, label in _candidates(task, example, where)}
+    possible = {label for _, label in answer_candidates(task, example, where)}
     if example.label not in possible:
         raise BadInput(f"{where}: label {example.label} is not among the candidates' labels {sorted(possible)}")
 
@@ -181,7 +185,7 @@ def correct_answer(task: PromptTask, example: Example, where: str = "") -> str:
     """The answer text a demonstration shows: the first answer text mapping to its label, or its right choice."""
     where = where or f"task {task.name!r}"
     _check_label(task, example, where)
-    return next(text for text, label in _candidates(task, example, where) if label == example.label)
+    return next(text for text, label in answer_candidates(task, example, where) if label == example.label)
 
 
 def build_prompt(task: PromptTask, example: Example, demonstrations: Sequence[Example]) -> str:
@@ -285,6 +289,15 @@ def score_candidates(model: ScoredModel, prompts: Sequence[str], continuations: 
 
 # ---- evaluation -------------------------------------------------------------------------------
 
+def predict_label(candidates: Sequence[tuple[str, int]], scores: Sequence[float]) -> int:
+    """The label whose best answer scores highest: ``scores[j]`` scores ``candidates[j]`` (answer text, label).
+    Ties go to the lowest label id."""
+    best: dict[int, float] = {}
+    for (_, label), score in zip(candidates, scores, strict=True):
+        best[label] = max(score, best.get(label, -float("inf")))
+    return max(sorted(best), key=lambda label: best[label])
+
+
 def _majority_label(labels: Sequence[int], n_labels: int) -> int:
     return int(np.argmax(np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_labels)))
 
@@ -309,31 +322,29 @@ def evaluate_task(model: ScoredModel, task: PromptTask, examples: Sequence[Examp
 
     # An example with a candidate answer longer than the context cannot be scored: count it, leave it out.
     answers = {i: [task.answer_template.format(answer=a) for a, _ in
-                   _candidates(task, e, f"task {task.name!r}, example {i}")] for i, e in enumerate(examples)}
+                   answer_candidates(task, e, f"task {task.name!r}, example {i}")] for i, e in enumerate(examples)}
     texts = sorted({a for cs in answers.values() for a in cs})
-    too_long = {t for t, ids in zip(texts, model.encode(texts)) if len(ids) > model.context}
+    lengths = {t: len(ids) for t, ids in zip(texts, model.encode(texts))}
+    too_long = {t for t, n in lengths.items() if n > model.context}
     keep = [i for i in range(len(examples)) if not too_long.intersection(answers[i])]
     if not keep:
         raise BadInput(f"task {task.name!r}: every example has an answer longer than model {model.name}'s context "
                        f"of {model.context} tokens")
 
-    predictions, guess_odds = [], []
+    predictions, guess_odds, loglikelihoods = [], [], []
     bar = tqdm(total=len(keep), desc=task.name, unit="example")
     for start in range(0, len(keep), batch_size):
         chunk = keep[start:start + batch_size]
         prompts = [build_prompt(task, examples[i], draw_demonstrations(task, everything, i, pool)) for i in chunk]
-        candidates = [_candidates(task, examples[i], f"task {task.name!r}, example {i}") for i in chunk]
-        scores = score_candidates(model, prompts, [[task.answer_template.format(answer=a) for a, _ in cs]
-                                                   for cs in candidates],
-                                  task.length_normalize, batch_size, device,
-                                  where=[f"task {task.name!r}, example {i}" for i in chunk])
-        for i, cs, ss in zip(chunk, candidates, scores):
-            best: dict[int, float] = {}
-            for (_, label), score in zip(cs, ss):
-                best[label] = max(score, best.get(label, -float("inf")))
-            predicted = max(sorted(best), key=lambda label: best[label])  # ties: the lowest label id
-            predictions.append((examples[i].label, predicted))
-            guess_odds.append(1 / len(best))
+        candidates = [answer_candidates(task, examples[i], f"task {task.name!r}, example {i}") for i in chunk]
+        sums = score_candidates(model, prompts, [answers[i] for i in chunk], False, batch_size, device,
+                                where=[f"task {task.name!r}, example {i}" for i in chunk])
+        for i, cs, ss in zip(chunk, candidates, sums):
+            # As score_candidates' length_normalize: the sum over the answer's tokens, divided by their number.
+            scores = [s / lengths[a] for s, a in zip(ss, answers[i])] if task.length_normalize else ss
+            predictions.append((examples[i].label, predict_label(cs, scores)))
+            guess_odds.append(1 / len({label for _, label in cs}))
+            loglikelihoods.append(ss)
         bar.update(len(chunk))
     bar.close()
 
@@ -346,7 +357,7 @@ def evaluate_task(model: ScoredModel, task: PromptTask, examples: Sequence[Examp
         name=task.name, shots=task.shots, accuracy=float(np.trace(confusion) / len(predictions)),
         confusion=confusion.tolist(), n=len(predictions), random_baseline=float(np.mean(guess_odds)),
         majority_baseline=float(np.mean([label == majority for label in truth])), predictions=predictions,
-        labels=list(task.labels), skipped=len(examples) - len(keep))
+        labels=list(task.labels), skipped=len(examples) - len(keep), scored=keep, loglikelihoods=loglikelihoods)
 
 
 def read_examples(reader: str, path: Path, labels_path: Optional[Path] = None) -> list[Example]:

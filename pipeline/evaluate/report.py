@@ -3,9 +3,10 @@ metrics, tables and Markdown report the evaluate stage publishes."""
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -146,6 +147,19 @@ def prompting_report(results: list) -> tuple[str, str, dict[str, float]]:
 
 
 @dataclass
+class Check:
+    """One more evaluation every model goes through (bias, summarization, a task head, the harness agreement):
+    ``run(name, model)`` gives a model's result; ``report(results, evaluation)`` turns the (model, result)
+    pairs into a Markdown section and metrics, seeing the rest of the evaluation (e.g. prompting accuracy)."""
+
+    key: str  # its name in metrics and timings: harness, summarize, bias, head
+    title: str
+    run: Callable[[str, ScoredModel], Any]
+    report: Callable[[list[tuple[str, Any]], "Evaluation"], tuple[str, dict[str, float]]]
+    results: list[tuple[str, Any]] = field(default_factory=list)
+
+
+@dataclass
 class Evaluation:
     """Everything the models scored, and what the evaluate stage publishes from it."""
 
@@ -153,44 +167,80 @@ class Evaluation:
     rows: list[Row] = field(default_factory=list)
     prompting: list[tuple[str, TaskResult]] = field(default_factory=list)  # (model, result) pairs
     parameters: dict[str, int] = field(default_factory=dict)  # model -> parameter count
+    checks: list[Check] = field(default_factory=list)
+    seconds: dict[tuple[str, str], float] = field(default_factory=dict)  # (model, part) -> wall time
+
+    def _sections(self) -> list[tuple[str, str, dict[str, float]]]:
+        return [(c.title, *c.report(c.results, self)) for c in self.checks if c.results]
 
     def metrics(self) -> dict[str, float]:
         metrics = metrics_of(self.rows)
         if self.prompting:
             metrics.update(prompting_report(self.prompting)[2])
+        for _, _, m in self._sections():
+            metrics.update(m)
+        metrics.update({f"seconds/{model}/{part}": t for (model, part), t in self.seconds.items()})
         return metrics
+
+    def prompt_accuracy(self, task: str, shots: int = 0) -> dict[str, float]:
+        """model -> accuracy on prompting task ``task`` with ``shots`` demonstrations."""
+        return {m: r.accuracy for m, r in self.prompting if r.name == task and r.shots == shots}
 
     def counts(self) -> dict:
         return {"documents": self.documents, "parameters": self.parameters,
                 "prompting": {f"{m}/{r.name}/{r.shots}shot": r.n for m, r in self.prompting}}
 
     def report(self) -> str:
-        """results.md: the bits-per-byte matrix, every measure, then the prompting accuracies."""
+        """results.md: the bits-per-byte matrix, every measure, the prompting accuracies, then each check."""
         report = f"## bits per byte (perplexity)\n\n{matrix(self.rows)}\n\n## all measures\n\n{table(self.rows)}\n"
         if self.prompting:
             summary, details, _ = prompting_report(self.prompting)
             report += f"\n## prompting accuracy\n\n{summary}\n\n{details}"
-        return report
+        for title, markdown, _ in self._sections():
+            report += f"\n## {title}\n\n{markdown}\n"
+        return report + f"\n## wall time (seconds)\n\n{self.timing()}\n"
+
+    def timing(self) -> str:
+        """Seconds per model and part (perplexity includes loading the model): where a slow evaluation goes."""
+        models = list(dict.fromkeys(m for m, _ in self.seconds))
+        parts = list(dict.fromkeys(p for _, p in self.seconds))
+        lines = ["| model | " + " | ".join(parts) + " | total |", "|---|" + "---|" * (len(parts) + 1)]
+        for m in models:
+            cells = [self.seconds.get((m, p), 0.0) for p in parts]
+            lines.append(f"| {m} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {sum(cells):.1f} |")
+        return "\n".join(lines)
 
     def summary(self) -> str:
         """What to print: the prompting accuracies, then the bits-per-byte matrix."""
         out = ""
         if self.prompting:
             out += f"evaluate: prompting accuracy\n\n{prompting_report(self.prompting)[0]}\n\n"
-        return out + (f"\nevaluate: bits per byte (perplexity per token), lower is better; each model reads the text "
-                      f"with its own tokenizer, so compare bits per byte across tokenizers\n\n{matrix(self.rows)}\n")
+        out += (f"\nevaluate: bits per byte (perplexity per token), lower is better; each model reads the text "
+                f"with its own tokenizer, so compare bits per byte across tokenizers\n\n{matrix(self.rows)}\n")
+        if self.checks:
+            out += "\nevaluate: " + "; ".join(c.title for c in self.checks if c.results) + " in results.md\n"
+        return out + f"\nevaluate: wall time (seconds)\n\n{self.timing()}\n"
 
 
 def evaluate_models(models: Mapping[str, Callable[[], ScoredModel]], sets: Mapping[str, HeldOut],
                     suites: Sequence[PromptSuite] = (), stride: Optional[int] = None, batch_size: int = 16,
-                    device: str = "cpu") -> Evaluation:
-    """Each model, loaded in turn by its function and dropped after, on every set and every prompting task."""
-    out = Evaluation(documents={name: len(held.texts) for name, held in sets.items()})
+                    device: str = "cpu", checks: Sequence[Check] = ()) -> Evaluation:
+    """Each model, loaded in turn by its function and dropped after, on every set, every prompting task and
+    every check."""
+    out = Evaluation(documents={name: len(held.texts) for name, held in sets.items()}, checks=list(checks))
     for name, load in models.items():
+        started = time.perf_counter()
         model = load()
         out.parameters[name] = model.parameters
         out.rows += evaluate_model(model, sets, stride, batch_size, device)
+        out.seconds[(name, "perplexity")] = time.perf_counter() - started
+        started = time.perf_counter()
         for suite in suites:
             out.prompting += [(name, result) for result in suite.evaluate(model, batch_size, device)]
+        out.seconds[(name, "prompting")] = time.perf_counter() - started
+        for check in out.checks:
+            started = time.perf_counter()
+            check.results.append((name, check.run(name, model)))
+            out.seconds[(name, check.key)] = time.perf_counter() - started
         del model
     return out
