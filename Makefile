@@ -144,7 +144,8 @@ evaluate: $(OUT)/evaluate/manifest.json ## pretrain, cpt, sft, dpo: perplexity, 
 $(eval $(call args_stamp,evaluate))
 $(OUT)/evaluate/manifest.json: $(OUT)/merge/manifest.json $(OUT)/dpo/manifest.json $(OUT)/cpt/manifest.json \
 		$(OUT)/pretrain/manifest.json $(OUT)/.args/evaluate $(MODEL_DEPS) \
-		conf/evaluate.yaml $(wildcard conf/harness/*.yaml) pipeline/stages/evaluate.py $(wildcard pipeline/evaluate/*.py)
+		conf/evaluate.yaml $(wildcard conf/harness/*.yaml) pipeline/stages/evaluate.py $(wildcard pipeline/evaluate/*.py) \
+		$(wildcard pipeline/sft/*.py)
 	$(STAGE) evaluate $(STAGE_ARGS)
 
 SWEEP ?= demo

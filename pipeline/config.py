@@ -20,7 +20,7 @@ from pipeline.data.sources import SourceSpec, StageOrPath
 from pipeline.dedup.evaluate import EvalSpec
 from pipeline.dedup.run import DedupSpec
 from pipeline.dpo.spec import LossType
-from pipeline.errors import ConfigError, PipelineError, check, choice
+from pipeline.errors import BadInput, ConfigError, PipelineError, check, choice
 from pipeline.filter.run import CrawlSource
 from pipeline.filter.steps import StepsSpec
 from pipeline.evaluate.spec import HeadSpec
@@ -54,6 +54,8 @@ def entries(values: Dict[str, Any], schema: Type[T], key: str) -> Dict[str, T]:
             raise ConfigError(f"{key}.{name}{'.' + inner if inner else ''}", f"is invalid: {str(e).splitlines()[0]}") from None
         except ConfigError as e:
             raise ConfigError(f"{key}.{name}{'.' + e.key if e.key else ''}", e.problem) from None
+        except BadInput as e:  # a library spec checking itself with BadInput (DecodeSpec)
+            raise ConfigError(f"{key}.{name}", f"is invalid: {e}") from None
     return out
 
 
@@ -272,6 +274,9 @@ class HarnessConfig:
     crows_pairs: bool = True  # also CrowS-Pairs, scored like the harness's crows_pairs_english (needs evaluate.bias.path)
     limit: Optional[int] = 100  # the first N examples (pairs) of each; None: each task's own limit
 
+    def __post_init__(self):
+        check(self.limit is None or self.limit >= 1, "limit", self.limit, "at least 1, or null for each task's own")
+
 
 @dataclass
 class SummarizeConfig:
@@ -282,15 +287,17 @@ class SummarizeConfig:
     limit: Optional[int] = 40  # PEPs with an Abstract, drawn with `seed`; None: all
     seed: int = 0  # the sample and the random-3 baseline
     max_new_tokens: int = 32  # the summary's token budget
-    cpu_threads: int = 1  # torch threads while decoding on the CPU
-    # name -> DecodeSpec (pipeline/model/spec.py); GPT-2's paper used top-k 2
-    decodings: Dict[str, Any] = field(default_factory=lambda: {"greedy": {"strategy": "greedy"},
-                                                               "top_k2": {"strategy": "sample", "top_k": 2}})
+    cpu_threads: Optional[int] = 1  # torch threads while decoding on the CPU; None: torch's setting
+    # name -> DecodeSpec (pipeline/model/spec.py) without max_new_tokens (the key above sets it for all)
+    decodings: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         self.decodings = entries(self.decodings, DecodeSpec, "decodings")
         check(not self.enabled or bool(self.path), "path", self.path, "set when enabled (the PEPs' peps.jsonl.gz)")
-        check(bool(self.decodings), "decodings", self.decodings, "at least one decoding")
+        check(not self.enabled or bool(self.decodings), "decodings", self.decodings,
+              "at least one decoding when enabled, e.g. {greedy: {strategy: greedy}}")
+        check(self.cpu_threads is None or self.cpu_threads >= 1, "cpu_threads", self.cpu_threads,
+              "at least 1, or null to leave torch's setting")
         check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "at least 1")
         check(self.limit is None or self.limit >= 1, "limit", self.limit, "at least 1, or null for all")
 

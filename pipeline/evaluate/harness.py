@@ -64,6 +64,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -232,12 +233,14 @@ def _quiet(level: int = logging.ERROR):
 
 def run_harness(export_dir: Path, include_path: Path, tasks: Sequence[str], limit: Optional[int] = None,
                 batch_size: int = 16, device: str = "cpu", prefix_token: Optional[str] = None,
-                samples: Optional[dict[str, Sequence[int]]] = None) -> dict[str, HarnessResult]:
+                samples: Optional[dict[str, Sequence[int]]] = None,
+                max_length: Optional[int] = None) -> dict[str, HarnessResult]:
     """lm-eval's ``hf`` model on the transformers export ``export_dir``, 0-shot, on each task (project names: keys
     of ``HARNESS_TASKS``) defined in ``include_path``: its first ``limit`` examples, or with ``samples`` (instead of
     a limit) the examples at those positions, e.g. a :class:`ProjectScores`' ``indices`` (lm-eval stops on an
     answer longer than the context; the project leaves such an example out). Empty contexts are scored after
-    ``prefix_token`` (None: the export's EOS). One lm-eval run for all tasks."""
+    ``prefix_token`` (None: the export's EOS); ``max_length`` is the context lm-eval truncates to (None: the
+    export's). One lm-eval run for all tasks."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -259,7 +262,7 @@ def run_harness(export_dir: Path, include_path: Path, tasks: Sequence[str], limi
     with _quiet():
         out = lm_eval.simple_evaluate(
             model="hf", model_args={"pretrained": str(export_dir), "prefix_token_id": prefix_id, "dtype": "float32",
-                                    "softmax_dtype": "float64"},
+                                    "softmax_dtype": "float64", **({"max_length": max_length} if max_length else {})},
             tasks=list(names), limit=limit, batch_size=batch_size, device=device, task_manager=manager,
             samples=None if samples is None else {HARNESS_TASKS[t]: [int(i) for i in ix] for t, ix in samples.items()},
             log_samples=True, bootstrap_iters=0,  # no standard errors: nothing here compares them
@@ -412,8 +415,9 @@ def agreement(model: str, project: ProjectScores, harness: HarnessResult, tolera
         target = harness.targets[i]
         if set(target if isinstance(target, list) else [target]) != project.right[i]:
             raise drifted(i, "right choices", target, sorted(project.right[i]))
-    diff = max(abs(h - p) for hs, ps in zip(harness.loglikelihoods, project.loglikelihoods)
-               for h, p in zip(hs, ps, strict=True))
+    diffs = [abs(h - p) for hs, ps in zip(harness.loglikelihoods, project.loglikelihoods)
+             for h, p in zip(hs, ps, strict=True)]
+    diff = math.inf if any(not math.isfinite(d) for d in diffs) else max(diffs, default=0.0)  # NaN, inf: never agree
     missing = [k for k in project.metrics if k not in harness.metrics]
     if missing:
         raise BadInput(f"{task}: lm-eval reported no {', '.join(missing)}; {file} must list it in metric_list")
@@ -497,7 +501,8 @@ def harness_check(evaluate, exports: dict[str, Optional[Path]], build_dir: Path,
         prefix = model.tokenizer.id_to_token(model.prefix_id)
         include = write_tasks(Path(build_dir) / model_name, **paths, prefix_token=prefix, cache_dir=cache_dir)
         harness = run_harness(export, include, list(project), batch_size=evaluate.batch_size, device=device,
-                              prefix_token=prefix, samples={t: p.indices for t, p in project.items()})
+                              prefix_token=prefix, samples={t: p.indices for t, p in project.items()},
+                              max_length=model.context)
         names = {reader: name for reader, (name, *_) in tasks.items()}
         agreements = [dataclasses.replace(agreement(model_name, project[t], harness[t]), task=names.get(t, t))
                       for t in project]

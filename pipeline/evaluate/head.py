@@ -27,6 +27,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
+import random
 import time
 import warnings
 from dataclasses import dataclass
@@ -390,11 +392,35 @@ def _majority(train_y: torch.Tensor) -> int:
     return int(torch.bincount(train_y, minlength=N_LABELS).argmax())  # ties: the lowest label
 
 
+@contextlib.contextmanager
+def _random_state_kept():
+    """Python's, numpy's and torch's (CPU and every CUDA device's) generators as they were before, and no
+    PL_GLOBAL_SEED left behind: seed_everything here must not reseed what the caller does next."""
+    py, npy, seed_env = random.getstate(), np.random.get_state(), os.environ.get("PL_GLOBAL_SEED")
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        if seed_env is None:
+            os.environ.pop("PL_GLOBAL_SEED", None)
+        else:
+            os.environ["PL_GLOBAL_SEED"] = seed_env
+
+
 def train_heads(model: ScoredModel, spec: HeadSpec, work_dir: Path, device="cpu") -> HeadResult:
-    """Both classifiers of ``model`` on SST-2, trained and scored; ``model`` is left as it was.
+    """Both classifiers of ``model`` on SST-2, trained and scored; ``model`` is left as it was, and so are the
+    random generators (the training seeds its own from ``spec.seed``).
 
     ``work_dir`` is Lightning's root directory (nothing is written there: no logger, no checkpoints).
     """
+    with _random_state_kept():
+        return _train_heads(model, spec, work_dir, device)
+
+
+def _train_heads(model: ScoredModel, spec: HeadSpec, work_dir: Path, device) -> HeadResult:
     if model.network is None or model.kind not in ("pipeline", "transformers"):
         raise BadInput(f"model {model.name}: a task head needs the loaded network (kind pipeline or transformers), "
                        f"got kind {model.kind!r} with network {type(model.network).__name__}")

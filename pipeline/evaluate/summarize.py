@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import math
 import re
 import time
@@ -388,6 +389,8 @@ def rouge(candidates: Sequence[str], references: Sequence[str]) -> Rouge:
     """ROUGE-1/2/L F1 of each candidate against its reference (both made plain first)."""
     from rouge_score import rouge_scorer
 
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score's "Using default tokenizer." per scorer
+
     assert len(candidates) == len(references) and candidates, (len(candidates), len(references))
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     scores = {kind: [] for kind in ROUGE_TYPES}
@@ -459,17 +462,17 @@ def _hf_generate(network, prompt: list[int], spec: DecodeSpec, eos_id: int) -> l
     return out[0, len(prompt):].tolist()
 
 
-def _decoder(model: ScoredModel, spec: DecodeSpec, name: str):
+def _decoder(model: ScoredModel, spec: DecodeSpec, name: str, eos_id: int):
     if model.network is None:
         raise BadInput(f"model {model.name}: summarize needs the loaded network to decode with (load it with load_any)")
     if model.kind == "pipeline":
-        return lambda prompt, s: generate(model.network, prompt, s, eos_id=model.prefix_id)
+        return lambda prompt, s: generate(model.network, prompt, s, eos_id=eos_id)
     if model.kind == "transformers":
         if spec.strategy == "beam":
             raise BadInput(f"summarize decoding {name!r}: model {model.name} is a transformers model, decoded "
                            f"with transformers' generate, whose beam search stops by other rules than ours; "
                            f"use strategy greedy or sample for it")
-        return lambda prompt, s: _hf_generate(model.network, prompt, s, model.prefix_id)
+        return lambda prompt, s: _hf_generate(model.network, prompt, s, eos_id)
     raise BadInput(f"model {model.name}: summarize cannot decode a model of kind {model.kind!r}")
 
 
@@ -507,15 +510,18 @@ def _check_room(model: ScoredModel, suffix_ids: list[int], max_new_tokens: int, 
 
 def summarize(model: ScoredModel, docs: Sequence[SummaryDoc], decodings: Mapping[str, DecodeSpec],
               max_new_tokens: int, source: str = "the PEPs", cpu_threads: Optional[int] = 1,
-              examples: int = 3) -> SummaryResult:
+              examples: int = 3, eos_id: Optional[int] = None) -> SummaryResult:
     """``model``'s "TL;DR:" summary of every document under each named decoding, scored with ROUGE.
 
     ``max_new_tokens`` replaces each spec's own; a sample is seeded by (spec.seed, the PEP's line). Decoding
     runs where the model was loaded. On the CPU it uses ``cpu_threads`` torch threads (None: as set), restored
     afterwards: one prompt at a time, a small model's steps are too small to share between threads, and on
     2 busy cores the demo model took 149 s with 2 threads against 20 s with 1. ``source`` (the file) is
-    named in errors; ``examples`` documents keep their summaries for the report.
+    named in errors; ``examples`` documents keep their summaries for the report. A summary stops at ``eos_id``
+    (None: the model's prefix id, which is the end-of-document token unless evaluate.prefix_token says
+    otherwise).
     """
+    eos_id = model.prefix_id if eos_id is None else eos_id
     if not docs:
         raise BadInput(f"summarize: no documents from {source}")
     if not decodings:
@@ -523,7 +529,7 @@ def summarize(model: ScoredModel, docs: Sequence[SummaryDoc], decodings: Mapping
     if max_new_tokens < 1:
         raise BadInput(f"summarize max_new_tokens={max_new_tokens}: must be at least 1")
     started = time.perf_counter()
-    decoders = {name: _decoder(model, spec, name) for name, spec in decodings.items()}
+    decoders = {name: _decoder(model, spec, name, eos_id) for name, spec in decodings.items()}
     [suffix_ids] = model.encode([SUFFIX])
     budget = _check_room(model, suffix_ids, max_new_tokens, source)
     fitted = [fit_prompt(ids, suffix_ids, model.prefix_id, budget) for ids in model.encode([d.body for d in docs])]
@@ -540,7 +546,7 @@ def summarize(model: ScoredModel, docs: Sequence[SummaryDoc], decodings: Mapping
             for doc, (prompt, _) in zip(docs, fitted):
                 new = decoders[name](prompt, replace(spec, seed=_doc_seed(spec.seed, doc.line)))
                 lengths.append(len(new))
-                summaries.append(summary_text(model.tokenizer, new, model.prefix_id))
+                summaries.append(summary_text(model.tokenizer, new, eos_id))
                 bar.update()
             results[name] = DecodingResult(rouge(summaries, [d.reference for d in docs]), summaries,
                                            float(np.mean(lengths)), sum(not s for s in summaries))

@@ -14,9 +14,11 @@ from functools import partial
 from pathlib import Path
 from typing import Optional
 
+from pipeline import PROJECT_ROOT
 from pipeline.contract import StageConfig, StageContext, StageResult
 from pipeline.data.sources import SourceSpec
 from pipeline.errors import BadInput
+from pipeline.files import file_hash
 from pipeline.evaluate.models import load_any, pick_device
 from pipeline.evaluate.prompting import prompt_suite
 from pipeline.model.io import model_kind
@@ -32,6 +34,13 @@ def upstream(cfg: StageConfig) -> list[str]:
     if not e.sets:
         raise BadInput("evaluate.sets is empty: name held-out documents, e.g. +evaluate.sets.corpus.stage=tokenize")
     return sorted(({m.stage for m in e.models.values()} | {s.stage for s in e.sets.values()}) - {None})
+
+
+def fingerprint(cfg: StageConfig) -> dict:
+    """The harness's task files (conf/harness/), when it runs: editing one changes what lm-eval asks."""
+    if not cfg.evaluate.harness.enabled:
+        return {}
+    return {str(path): file_hash(path) for path in sorted((PROJECT_ROOT / "conf" / "harness").glob("*.yaml"))}
 
 
 def val_documents(name: str, spec: SourceSpec, ctx: StageContext) -> Optional[Path]:
@@ -62,12 +71,13 @@ def checks(cfg: StageConfig, ctx: StageContext, exports: dict[str, Optional[Path
     if e.summarize.enabled:
         from pipeline.evaluate.summarize import baselines, read_peps, summarize, summary_report
 
-        s = e.summarize
+        s, eos = e.summarize, cfg.tokenizer.special_tokens.eos  # a summary ends at the end-of-document token
         peps = read_peps(Path(s.path), s.limit, s.seed)
         base = baselines(peps.docs, s.seed)
         out.append(Check("summarize", "zero-shot summarization (TL;DR:)",
                          lambda name, model: summarize(model, peps.docs, s.decodings, s.max_new_tokens,
-                                                       source=Path(s.path).name, cpu_threads=s.cpu_threads),
+                                                       source=Path(s.path).name, cpu_threads=s.cpu_threads,
+                                                       eos_id=model.tokenizer.token_to_id(eos)),
                          lambda results, _: summary_report(results, base, peps)))
     if e.bias.enabled:
         from pipeline.evaluate.bias import bias_probe, bias_report, read_crows_pairs
@@ -77,8 +87,10 @@ def checks(cfg: StageConfig, ctx: StageContext, exports: dict[str, Optional[Path
                          lambda name, model: bias_probe(model, pairs, e.batch_size, device),
                          lambda results, _: bias_report(results)))
     if e.head.enabled:
-        from pipeline.evaluate.head import head_report, train_heads
+        from pipeline.evaluate.head import head_report, read_split, train_heads
 
+        for key in ("train_path", "dev_path", "test_path"):  # a bad row fails now, not minutes into a model
+            read_split(getattr(e.head, key), key)
         task = sst2_task(cfg)
         out.append(Check("head", "SST-2: prompting, the frozen model with a linear head, LoRA with a head",
                          lambda name, model: train_heads(model, e.head, ctx.cache_dir / "head", device),

@@ -219,3 +219,15 @@ def test_bad_input_names_the_file_and_what_is_wrong(data, data_dir, tmp_path, ti
     no_bias = compose(f"paths.data_dir={data_dir}", "evaluate.bias.enabled=false", "evaluate.bias.path=null")
     with pytest.raises(BadInput, match="evaluate.harness.crows_pairs needs evaluate.bias.path"):
         harness_check(no_bias.evaluate, {}, tmp_path)
+
+
+def test_the_task_files_contents_are_part_of_the_evaluate_config_hash(make_cfg):
+    """Editing a shipped task file changes what lm-eval asks, so the stage's fingerprint holds each file's hash;
+    with the harness off, none."""
+    from pipeline.contract import stage_config
+    from pipeline.files import file_hash
+    from pipeline.stages import evaluate as stage
+
+    on = stage.fingerprint(stage_config("evaluate", stage, make_cfg()))
+    assert on == {str(p): file_hash(p) for p in sorted(SHIPPED.glob("*.yaml"))} and len(on) == 3
+    assert stage.fingerprint(stage_config("evaluate", stage, make_cfg("evaluate.harness.enabled=false"))) == {}

@@ -4,9 +4,12 @@ identical, bad rows named, the report's table."""
 from __future__ import annotations
 
 import copy
+import os
+import random
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -166,7 +169,12 @@ def test_lora_leaves_the_model_as_it_was_and_reruns_agree(tiny, gpt, word_rule, 
     # A (rank, in) and B (out, rank) on qkv (d -> 3d) and proj (d -> d), and the head's weight and bias
     assert first.lora_trainable == layers * rank * (d + 3 * d + d + d) + 2 * d + 2
 
+    generators = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+    seed_env = os.environ.get("PL_GLOBAL_SEED")
     second = train_heads(tiny, spec, tmp_path, "cpu")
+    # seed_everything inside did not reseed what the caller (the next model's evaluation) draws from
+    assert random.getstate() == generators[0] and np.array_equal(np.random.get_state()[1], generators[1])
+    assert torch.equal(torch.get_rng_state(), generators[2]) and os.environ.get("PL_GLOBAL_SEED") == seed_env
     timing = ("features_seconds", "frozen_seconds", "lora_seconds")
     assert {k: v for k, v in asdict(first).items() if k not in timing} == \
            {k: v for k, v in asdict(second).items() if k not in timing}

@@ -25,6 +25,22 @@ SUFFIX_IDS = list(SUFFIX.encode())  # 7 ids with the byte tokenizer
 GREEDY = {"greedy": DecodeSpec("greedy")}
 TOP_K2 = {"top_k2": DecodeSpec("sample", top_k=2)}
 
+BODY = """\
+Motivation
+==========
+
+People want spam. It is tasty, e.g. with eggs.
+
+Details
+-------
+
+* one item
+* two items
+
+.. code-block:: python
+
+    spam()"""
+
 PEP = """\
 PEP: 9999
 Title: A made-up proposal
@@ -42,20 +58,7 @@ Example::
 
     spam()
 
-Motivation
-==========
-
-People want spam. It is tasty, e.g. with eggs.
-
-Details
--------
-
-* one item
-* two items
-
-.. code-block:: python
-
-    spam()
+""" + BODY + """
 
 Copyright
 =========
@@ -66,22 +69,6 @@ This document is placed in the public domain.
    Local Variables:
    End:
 """
-
-BODY = """\
-Motivation
-==========
-
-People want spam. It is tasty, e.g. with eggs.
-
-Details
--------
-
-* one item
-* two items
-
-.. code-block:: python
-
-    spam()"""
 
 
 @pytest.fixture(scope="module")
