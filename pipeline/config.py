@@ -139,6 +139,7 @@ class SftSource:
     path: str = MISSING  # a JSON or JSONL file (optionally .gz), a directory or a glob of them
     weight: float = 1.0  # share of its training part used per pass: 0.5 half, 2 twice, 0 held-out only
     options: Dict[str, Any] = field(default_factory=dict)  # the reader's keyword arguments (field names)
+    license: Optional[str] = None  # the dataset's licence, for the model card
 
 
 @dataclass
@@ -190,6 +191,7 @@ class DpoSource:
     format: str = MISSING  # hh_rlhf | oasst_pairs
     path: str = MISSING  # a JSON or JSONL file (optionally .gz), a directory or a glob of them
     options: Dict[str, Any] = field(default_factory=dict)  # the reader's keyword arguments
+    license: Optional[str] = None  # the dataset's licence, for the model card
 
 
 @dataclass

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from omegaconf import OmegaConf
 
@@ -39,7 +39,11 @@ from pipeline.config import RootConfig, as_plain
 from pipeline.errors import BadInput, MissingUpstream, PipelineError, shown_path
 from pipeline.files import file_hash
 from pipeline.model.checkpoints import checkpoint_dir_for
-from pipeline.tracking import StageRun, end_if_running, flatten, stage_run
+from pipeline.tracking import StageRun, TrackingSettings, end_if_running, flatten, stage_run
+from pipeline.tracking.lineage import StageData, log_datasets, log_model
+
+if TYPE_CHECKING:
+    from pipeline.tracking.energy import EnergyMeter
 
 MANIFEST = "manifest.json"
 
@@ -332,8 +336,15 @@ def _build(stage: str, module: ModuleType, cfg: RootConfig, section: StageConfig
         ctx = StageContext(build_dir=build_dir, inputs=inputs, run=run, cache_dir=Path(cfg.paths.cache_dir),
                            checkpoint_dir=ckpt_dir, resumed=resumed,
                            published=final_dir if (final_dir / MANIFEST).is_file() else None)
-        result = module.run(section, ctx)
+        meter = start_meter(cfg.tracking)
+        try:
+            result = module.run(section, ctx)
+        finally:
+            energy = meter.stop() if meter else None
         run.log_metrics(result.metrics, step=result.step)
+        if energy:
+            run.log_metrics(energy.metrics(), step=result.step)
+            run.set_tags(energy.tags())
         for warning in result.warnings:
             print(f"{stage}: warning: {warning}", file=sys.stderr, flush=True)
         if result.warnings:
@@ -350,11 +361,42 @@ def _build(stage: str, module: ModuleType, cfg: RootConfig, section: StageConfig
             "metrics": result.metrics,
             "outputs": result.outputs,
             "warnings": result.warnings,
+            "energy": energy.as_dict() if energy else None,
             "mlflow_run_id": run.run_id,
             "git_commit": commit,
             "wall_time_s": round(time.time() - started, 3),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        recording = time.time()
+        _record(stage, cfg.tracking, run, manifest, build_dir, inputs)
         run.log_dict(manifest, MANIFEST)
         write_manifest(build_dir, manifest)
+        if cfg.tracking.lineage:
+            log_datasets(run.client, run.run_id, [StageData(n, u.dir, u.manifest, u.hash) for n, u in inputs.items()],
+                         StageData(stage, final_dir, manifest, file_hash(build_dir / MANIFEST), files_dir=build_dir))
+        run.log_metrics({"record/seconds": time.time() - recording}, step=result.step)
         signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING)
+
+
+def start_meter(settings: TrackingSettings) -> Optional[EnergyMeter]:
+    """codecarbon's tracker for this execution, or None with ``tracking.energy`` off (codecarbon never imported)."""
+    if not settings.energy:
+        return None
+    from pipeline.tracking.energy import EnergyMeter
+
+    return EnergyMeter(settings.energy_country, settings.energy_region, settings.carbon_intensity)
+
+
+def _record(stage: str, settings: TrackingSettings, run: StageRun, manifest: dict, build_dir: Path,
+            inputs: dict[str, Upstream]) -> None:
+    """The stage's card, and a training stage's transformers export logged and registered as an MLflow model."""
+    from pipeline.tracking.cards import write_card
+
+    card = write_card(stage, manifest, build_dir, {n: u.manifest for n, u in inputs.items()})
+    if card:
+        manifest["outputs"]["card"] = card
+        run.log_artifact(build_dir / card, str(Path(card).parent) if Path(card).parent != Path(".") else None)
+    hf = manifest["outputs"].get("hf")
+    if settings.models and hf:
+        card_text = (build_dir / card).read_text() if card and Path(card).parent == Path(hf) else None
+        manifest["registered_model"] = log_model(settings, run.run_id, stage, build_dir / hf, card_text)

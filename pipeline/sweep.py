@@ -125,6 +125,10 @@ class SweepParentRun(Callback):
         status = sweep_status([j["run_status"] if j["status"] in ("COMPLETED", "FINISHED") else "FAILED"
                                if j["run_status"] != "KILLED" else "KILLED" for j in jobs])
         client.log_metric(run_id, "sweep/jobs", len(jobs))
+        for key in ("energy/kwh", "energy/co2_kg"):  # what the whole sweep cost: its jobs' sum
+            spent = [c.data.metrics[key] for c in children.values() if key in c.data.metrics]
+            if spent:
+                client.log_metric(run_id, key, sum(spent))
         client.log_metric(run_id, "sweep/failed_jobs", len(failed))
         lines = [f"{j['name']}" + (f" ({j['swept']})" if j["swept"] else "") + f": {j['error'] or j['run_status']}"
                  for j in failed]

@@ -59,3 +59,6 @@ def test_a_swept_value_that_does_not_validate_fails_alone_and_the_others_run(tra
     assert parent.info.status == "FAILED" and parent.data.metrics["sweep/failed_jobs"] == 2
     assert [r.data.params["tokenizer.vocab_size"] for r in runs if r is not parent and r.info.status == "FINISHED"] \
         == ["512"]
+    children = [r for r in runs if r is not parent]
+    assert parent.data.metrics["energy/kwh"] == pytest.approx(sum(r.data.metrics.get("energy/kwh", 0) for r in children))
+    assert parent.data.metrics["energy/kwh"] > 0, "the sweep's energy is its jobs' sum"

@@ -60,6 +60,7 @@ class SourceSpec(StageOrPath):
     sample_by: SampleBy = SampleBy.document  # text files: one document per line, paragraph or file
     max_documents: Optional[int] = None  # keep only the first N documents
     max_document_chars: Optional[int] = None  # split longer documents at line breaks into pieces this long
+    license: Optional[str] = None  # the files' licence, for the dataset card (a stage's output carries its own)
 
     def __post_init__(self):
         super().__post_init__()

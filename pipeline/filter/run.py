@@ -64,6 +64,7 @@ class CrawlSource:
     url_index: Optional[str] = None  # HTML files: a JSONL of {"path": relative to the index's folder, "url": ...}
     exclude: List[str] = field(default_factory=list)  # glob patterns of paths to leave out
     max_files: Optional[int] = None  # only the first N files (sorted), for quick runs
+    license: Optional[str] = None  # the source's licence, for the dataset card (an SPDX id or a short phrase)
 
     def __post_init__(self):
         if self.format is not None:

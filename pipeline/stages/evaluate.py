@@ -23,6 +23,7 @@ from pipeline.evaluate.models import load_any, pick_device
 from pipeline.evaluate.prompting import prompt_suite
 from pipeline.model.io import model_kind
 from pipeline.evaluate.report import ALL, Check, evaluate_models, held_out_set
+from pipeline.tracking.energy import energy_table, lineage, total
 
 SECTIONS = ("seed", "evaluate", "tokenizer")  # the seed draws the prompting demonstrations; eos prefixes documents
 
@@ -116,10 +117,15 @@ def run(cfg: StageConfig, ctx: StageContext) -> StageResult:
     result = evaluate_models(models, sets, suites, e.stride, e.batch_size, device, checks(cfg, ctx, exports, device))
 
     (ctx.build_dir / "results.json").write_text(json.dumps([r.as_dict() for r in result.rows], indent=1))
-    (ctx.build_dir / "results.md").write_text(result.report())
+    before = lineage({n: u.manifest for n, u in ctx.inputs.items()})  # every stage before this one
+    (ctx.build_dir / "results.md").write_text(f"{result.report()}\n## Energy of the stages evaluated\n\n"
+                                              f"{energy_table(before)}")
     for name in ("results.md", "results.json"):
         ctx.run.log_artifact(ctx.build_dir / name)
     print(result.summary())
-    return StageResult(counts=result.counts(), metrics=result.metrics(),
+    spent = total([m.get("energy") for m in before])
+    return StageResult(counts={**result.counts(), "pipeline_energy": spent},
+                       metrics={**result.metrics(), "pipeline/energy_kwh": spent["kwh"],
+                                "pipeline/co2_kg": spent["co2_kg"]},
                        outputs={"results": "results.json", "report": "results.md",
                                 "table": [r.as_dict() for r in result.rows if r.source == ALL]})

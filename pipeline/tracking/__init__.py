@@ -29,6 +29,26 @@ class TrackingSettings:
     experiment: str  # MLflow experiment name
     artifact_location: Optional[str] = None  # for experiments this pipeline creates; None: beside a SQLite store,
     # else the server's default (never MLflow's ./mlruns in the working directory)
+    energy: bool = True  # codecarbon's offline tracker: energy/kwh and energy/co2_kg of every stage run
+    energy_country: str = "USA"  # ISO 3166-1 alpha-3 code of the grid, for codecarbon's carbon-intensity table
+    energy_region: Optional[str] = None  # a region of that country codecarbon knows (a US state, a province), or null
+    carbon_intensity: Optional[float] = None  # the grid's g CO2e per kWh where known; null: codecarbon's figure
+    lineage: bool = True  # each stage's inputs and output as MLflow datasets (the dashboard's Dataset column)
+    models: bool = True  # training stages log their transformers export as an MLflow model and register it
+    model_name: Optional[str] = None  # the registered model's name; null: the MLflow experiment's
+
+    def __post_init__(self):
+        from pipeline.errors import ConfigError
+
+        if isinstance(self.energy_country, str) and not (len(self.energy_country) == 3 and self.energy_country.isalpha()):
+            raise ConfigError("energy_country", f"is '{self.energy_country}': give a three-letter ISO 3166-1 code "
+                                                f"(USA, DEU, FRA ...)")
+        if self.carbon_intensity is not None and not self.carbon_intensity >= 0:
+            raise ConfigError("carbon_intensity", f"is {self.carbon_intensity}: give g CO2e per kWh (>= 0) or null")
+
+    @property
+    def registered_model(self) -> str:
+        return self.model_name or self.experiment
 
     def artifact_uri(self) -> Optional[str]:
         location = self.artifact_location

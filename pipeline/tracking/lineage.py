@@ -1,0 +1,116 @@
+"""Lineage in MLflow's own terms: stage outputs as MLflow datasets, trained models as logged and registered models.
+
+Every stage run logs each upstream output it read as a dataset input (context ``input``) and its own output as
+one with context ``output`` (MLflow 3 records datasets only as run inputs; the context tag says which way they
+flow). A dataset is named after the stage that wrote it; its digest is the start of the sha256 of that stage's
+manifest.json, the same hash the downstream manifest records, so the output of one run and the input of the
+next are the same dataset in the store. Training stages with a transformers export also log it as an MLflow
+model and register it: one registered model per experiment, a version per run, an alias per stage.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+DIGEST_CHARS = 16  # of the manifest's sha256 (MLflow keeps at most 36 characters)
+CONTEXT = "mlflow.data.context"
+
+# Arrow type names -> MLflow column types (other columns, lists and structs, are left out of the schema)
+ARROW_TO_MLFLOW = {"string": "string", "large_string": "string", "int64": "long", "int32": "integer",
+                   "int16": "integer", "int8": "integer", "uint8": "integer", "uint16": "integer",
+                   "uint32": "long", "double": "double", "float": "float", "bool": "boolean",
+                   "binary": "binary", "large_binary": "binary"}
+
+
+@dataclass
+class StageData:
+    """A stage's output as a dataset: its name (the stage), folder, manifest and manifest hash."""
+
+    stage: str
+    directory: Path  # where it is published (the dataset's source)
+    manifest: dict
+    sha256: str
+    files_dir: Optional[Path] = None  # where its files are now, when not yet published (the build folder)
+
+    @property
+    def digest(self) -> str:
+        return self.sha256[:DIGEST_CHARS]
+
+
+def parquet_schema(files_dir: Path, outputs: Mapping[str, Any]) -> Optional[dict]:
+    """MLflow's column schema of the kept documents' Parquet files, when the stage wrote any."""
+    import pyarrow.parquet as pq
+
+    kept = outputs.get("kept")
+    patterns = kept if isinstance(kept, list) else [kept] if isinstance(kept, str) else []
+    files = sorted(p for pattern in patterns for p in Path(files_dir).glob(pattern))
+    if not files:
+        return None
+    columns = [{"name": f.name, "type": ARROW_TO_MLFLOW[str(f.type)], "required": not f.nullable}
+               for f in pq.read_schema(files[0]) if str(f.type) in ARROW_TO_MLFLOW]
+    return {"mlflow_colspec": columns}
+
+
+def profile(manifest: dict) -> dict[str, Any]:
+    """The sizes a user would want beside the dataset's name: documents, tokens, parameters."""
+    counts, metrics, outputs = manifest.get("counts", {}), manifest.get("metrics", {}), manifest.get("outputs", {})
+    found = {"documents": counts.get("kept"), "rejected": counts.get("rejected", counts.get("removed")),
+             "train_tokens": (counts.get("train") or {}).get("tokens"),
+             "val_tokens": (counts.get("val") or {}).get("tokens"),
+             "parameters": metrics.get("model/params", metrics.get("merge/params")),
+             "tokens_trained": metrics.get("train/tokens"),
+             "files": sorted(k for k in ("kept", "shards", "model", "adapter", "hf") if k in outputs) or None}
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def dataset_input(data: StageData, context: str):
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    schema = parquet_schema(data.files_dir or data.directory, data.manifest.get("outputs", {}))
+    dataset = Dataset(name=data.stage, digest=data.digest, source_type="local",
+                      source=json.dumps({"uri": Path(data.directory).resolve().as_uri()}),
+                      schema=json.dumps(schema) if schema else None, profile=json.dumps(profile(data.manifest)))
+    return DatasetInput(dataset=dataset, tags=[InputTag(key=CONTEXT, value=context)])
+
+
+def log_datasets(client, run_id: str, inputs: list[StageData], output: StageData) -> None:
+    """The run's upstream outputs (context ``input``) and its own output (context ``output``)."""
+    client.log_inputs(run_id, datasets=[*(dataset_input(d, "input") for d in inputs), dataset_input(output, "output")])
+
+
+def log_model(settings, run_id: str, stage: str, hf_dir: Path, card: Optional[str]) -> dict[str, Any]:
+    """Log the transformers export at ``hf_dir`` as the run's MLflow model and register it (alias ``stage``).
+
+    Returns what the manifest records: the registered name, version, alias and the URIs that load it.
+    """
+    import mlflow
+    import mlflow.transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    client = mlflow.MlflowClient(settings.uri)
+    mlflow.set_tracking_uri(settings.uri)
+    mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
+    components = {"model": AutoModelForCausalLM.from_pretrained(hf_dir), "tokenizer": AutoTokenizer.from_pretrained(hf_dir)}
+    model_card = None
+    if card is not None:
+        from huggingface_hub import ModelCard
+
+        model_card = ModelCard(card)  # ours, so MLflow asks no hub for one
+    name = settings.registered_model
+    info = mlflow.transformers.log_model(
+        transformers_model=components, name="model", task="text-generation", run_id=run_id, model_card=model_card,
+        registered_model_name=name, pip_requirements=_requirements(), tags={"stage": stage})
+    version = str(info.registered_model_version)
+    client.set_registered_model_alias(name, stage, version)
+    client.set_model_version_tag(name, version, "stage", stage)
+    return {"name": name, "version": version, "alias": stage, "uri": f"models:/{name}/{version}",
+            "model_id": info.model_id}
+
+
+def _requirements() -> list[str]:
+    """What loading the model needs, pinned to what logged it (inferring them imports the model again)."""
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "transformers", "tokenizers", "safetensors")]
