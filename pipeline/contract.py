@@ -373,7 +373,8 @@ def _build(stage: str, module: ModuleType, cfg: RootConfig, section: StageConfig
         write_manifest(build_dir, manifest)
         if cfg.tracking.lineage:
             log_datasets(run.client, run.run_id, [StageData(n, u.dir, u.manifest, u.hash) for n, u in inputs.items()],
-                         StageData(stage, final_dir, manifest, file_hash(build_dir / MANIFEST), files_dir=build_dir))
+                         StageData(stage, final_dir, manifest, file_hash(build_dir / MANIFEST), files_dir=build_dir),
+                         {stage: sections[stage]} if stage in sections else None)  # the files its own section names
         run.log_metrics({"record/seconds": time.time() - recording}, step=result.step)
         signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING)
 

@@ -9,6 +9,8 @@ model and register it: one registered model per experiment, a version per run, a
 """
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,9 +77,49 @@ def dataset_input(data: StageData, context: str):
     return DatasetInput(dataset=dataset, tags=[InputTag(key=CONTEXT, value=context)])
 
 
-def log_datasets(client, run_id: str, inputs: list[StageData], output: StageData) -> None:
-    """The run's upstream outputs (context ``input``) and its own output (context ``output``)."""
-    client.log_inputs(run_id, datasets=[*(dataset_input(d, "input") for d in inputs), dataset_input(output, "output")])
+def named_paths(config: Any, prefix: str = "") -> dict[str, tuple[str, Optional[str]]]:
+    """The files a stage's config names: every ``path`` or ``*_path`` key with a value (a source's ``path``, an
+    evaluation task's, ``init.path``), by its dotted key without ``.path``, with the entry's ``license``."""
+    found = {}
+    if isinstance(config, Mapping):
+        for key, value in config.items():
+            name = f"{prefix}{key}"
+            if (key == "path" or key.endswith("_path")) and isinstance(value, str) and value:
+                found[name[:-len(".path")] if key == "path" else name] = (value, config.get("license"))
+            elif isinstance(value, Mapping):
+                found.update(named_paths(value, f"{name}."))
+    return found
+
+
+def files_of(path: str) -> list[Path]:
+    """The files a path names: a file, every file under a directory, or a glob's matches (``**`` recursive)."""
+    p = Path(path)
+    if p.is_dir():
+        return sorted(f for f in p.rglob("*") if f.is_file())
+    return sorted(Path(f) for f in glob.glob(path, recursive=True) if Path(f).is_file())
+
+
+def file_input(name: str, path: str, license: Optional[str]):
+    """A dataset input for files the config names; its digest hashes their names, sizes and modification times
+    (not their bytes: a crawl is too large to read twice), so a changed or added file changes it."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    files = files_of(path)
+    stats = [(str(f), f.stat()) for f in files]
+    digest = hashlib.sha256("\n".join(f"{f}:{s.st_size}:{s.st_mtime_ns}" for f, s in stats).encode()).hexdigest()
+    profile = {"files": len(files), "bytes": sum(s.st_size for _, s in stats), "license": license or "not stated"}
+    dataset = Dataset(name=name, digest=digest[:DIGEST_CHARS], source_type="local",
+                      source=json.dumps({"uri": path}), profile=json.dumps(profile))
+    return DatasetInput(dataset=dataset, tags=[InputTag(key=CONTEXT, value="input")])
+
+
+def log_datasets(client, run_id: str, inputs: list[StageData], output: StageData,
+                 config: Optional[Mapping[str, Any]] = None) -> None:
+    """The run's upstream outputs and the files its config names (context ``input``), and its own output
+    (context ``output``)."""
+    files = [file_input(name, path, license) for name, (path, license) in named_paths(config or {}).items()]
+    client.log_inputs(run_id, datasets=[*(dataset_input(d, "input") for d in inputs), *files,
+                                        dataset_input(output, "output")])
 
 
 def log_model(settings, run_id: str, stage: str, hf_dir: Path, card: Optional[str]) -> dict[str, Any]:

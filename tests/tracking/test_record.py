@@ -130,3 +130,23 @@ def test_pretrain_logs_datasets_and_registers_a_model_that_loads_back(tokenized,
     assert spent["kwh"] == pytest.approx(manifest["energy"]["kwh"] + tok_manifest["energy"]["kwh"])
     table = energy_table(stages)
     assert "| tokenize |" in table and "| pretrain |" in table and "**total** (2 runs)" in table
+
+
+def test_files_a_stage_config_names_are_datasets_whose_digest_follows_the_files(tmp_path):
+    from pipeline.tracking.lineage import file_input, named_paths
+
+    (tmp_path / "crawl").mkdir()
+    (tmp_path / "crawl" / "a.warc.gz").write_bytes(b"x" * 10)
+    config = {"filter": {"sources": {"warc": {"path": str(tmp_path / "crawl" / "*.warc.gz"), "license": "CC0-1.0"},
+                                     "web": {"stage": "dedup", "path": None}},
+                         "head": {"train_path": str(tmp_path / "crawl"), "epochs": 3}}}
+    assert named_paths(config) == {"filter.sources.warc": (str(tmp_path / "crawl" / "*.warc.gz"), "CC0-1.0"),
+                                   "filter.head.train_path": (str(tmp_path / "crawl"), None)}
+    first = file_input("filter.sources.warc", *named_paths(config)["filter.sources.warc"])
+    assert json.loads(first.dataset.profile) == {"files": 1, "bytes": 10, "license": "CC0-1.0"}
+    assert [t.value for t in first.tags] == ["input"]
+    (tmp_path / "crawl" / "b.warc.gz").write_bytes(b"y")
+    second = file_input("filter.sources.warc", *named_paths(config)["filter.sources.warc"])
+    assert json.loads(second.dataset.profile)["files"] == 2 and second.dataset.digest != first.dataset.digest
+    again = file_input("filter.sources.warc", *named_paths(config)["filter.sources.warc"])
+    assert again.dataset.digest == second.dataset.digest, "the same files give the same digest"
