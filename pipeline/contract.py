@@ -40,10 +40,10 @@ from pipeline.errors import BadInput, MissingUpstream, PipelineError, shown_path
 from pipeline.files import file_hash
 from pipeline.model.checkpoints import checkpoint_dir_for
 from pipeline.tracking import StageRun, TrackingSettings, end_if_running, flatten, stage_run
-from pipeline.tracking.lineage import StageData, log_datasets, log_model
+from pipeline.tracking.lineage import StageData, export_mb, log_datasets, log_model, set_alias
 
 if TYPE_CHECKING:
-    from pipeline.tracking.energy import EnergyMeter
+    from pipeline.tracking.energy import EnergyMeter, EnergyReading
 
 MANIFEST = "manifest.json"
 
@@ -317,9 +317,9 @@ def execute_stage(stage: str, module: ModuleType, cfg: RootConfig, out_dir: Opti
                     print(f"{stage}: resuming MLflow run {resume_id} from {shown_path(ckpt_dir)}", flush=True)
                 else:
                     run.log_text(OmegaConf.to_yaml(as_plain(cfg)), "config.yaml")
-                deferred = True  # _build blocks signals once the manifest is written
+                deferred = True  # _build blocks signals once the record is written
                 _build(stage, module, cfg, section, final_dir, inputs, run, ckpt_dir, resume_id is not None, chash, commit,
-                       started, sections, files)
+                       started, sections, files, register=parent_run_id is None)  # a sweep's jobs register no model
             if resumable:
                 remove_checkpoints(ckpt_dir)
     finally:
@@ -330,17 +330,13 @@ def execute_stage(stage: str, module: ModuleType, cfg: RootConfig, out_dir: Opti
 
 def _build(stage: str, module: ModuleType, cfg: RootConfig, section: StageConfig, final_dir: Path, inputs: dict[str, Upstream],
            run: StageRun, ckpt_dir: Optional[Path], resumed: bool, chash: str, commit: str, started: float,
-           sections: dict, files: dict) -> None:
-    """Run the stage into a build directory, write its manifest last, then block signals for the swap."""
+           sections: dict, files: dict, register: bool = True) -> None:
+    """Run the stage into a build directory, write its manifest and record last, then block signals for the swap."""
     with building(final_dir) as build_dir:
         ctx = StageContext(build_dir=build_dir, inputs=inputs, run=run, cache_dir=Path(cfg.paths.cache_dir),
                            checkpoint_dir=ckpt_dir, resumed=resumed,
                            published=final_dir if (final_dir / MANIFEST).is_file() else None)
-        meter = start_meter(cfg.tracking)
-        try:
-            result = module.run(section, ctx)
-        finally:
-            energy = meter.stop() if meter else None
+        result, energy = _metered(module, section, ctx, cfg.tracking)
         run.log_metrics(result.metrics, step=result.step)
         if energy:
             run.log_metrics(energy.metrics(), step=result.step)
@@ -368,7 +364,7 @@ def _build(stage: str, module: ModuleType, cfg: RootConfig, section: StageConfig
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         recording = time.time()
-        _record(stage, cfg.tracking, run, manifest, build_dir, inputs)
+        _record(stage, cfg.tracking, run, manifest, build_dir, inputs, register)
         run.log_dict(manifest, MANIFEST)
         write_manifest(build_dir, manifest)
         if cfg.tracking.lineage:
@@ -377,6 +373,12 @@ def _build(stage: str, module: ModuleType, cfg: RootConfig, section: StageConfig
                          {stage: sections[stage]} if stage in sections else None)  # the files its own section names
         run.log_metrics({"record/seconds": time.time() - recording}, step=result.step)
         signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING)
+    if manifest.get("registered_model"):  # published: the stage's alias may now point at it
+        try:
+            set_alias(cfg.tracking, manifest["registered_model"])
+        except Exception as e:  # noqa: BLE001 - the output is in place; say what is missing
+            print(f"{stage}: warning: could not set alias '{manifest['registered_model']['alias']}' on model "
+                  f"{manifest['registered_model']['uri']}: {str(e).splitlines()[0][:300]}", file=sys.stderr, flush=True)
 
 
 def start_meter(settings: TrackingSettings) -> Optional[EnergyMeter]:
@@ -388,8 +390,29 @@ def start_meter(settings: TrackingSettings) -> Optional[EnergyMeter]:
     return EnergyMeter(settings.energy_country, settings.energy_region, settings.carbon_intensity)
 
 
+def _metered(module: ModuleType, section: StageConfig, ctx: StageContext,
+             settings: TrackingSettings) -> tuple[StageResult, Optional[EnergyReading]]:
+    """Run the stage with its energy measured. The reading covers every execution of a resumed run (the earlier
+    ones' as their runs logged it); an execution that fails or is killed logs what it measured before it ends."""
+    earlier = ctx.run.logged_metrics("energy/") if ctx.resumed and settings.energy else {}
+    meter = None
+    try:
+        meter = start_meter(settings)
+        result = module.run(section, ctx)
+    except BaseException:
+        reading = meter.stop() if meter else None
+        if reading:  # best effort: the run is about to end FAILED or KILLED
+            try:
+                ctx.run.log_metrics(reading.plus(earlier).metrics(), always=True)
+            except Exception:  # noqa: BLE001 - the stage's own error matters more
+                pass
+        raise
+    reading = meter.stop() if meter else None
+    return result, reading.plus(earlier) if reading else None
+
+
 def _record(stage: str, settings: TrackingSettings, run: StageRun, manifest: dict, build_dir: Path,
-            inputs: dict[str, Upstream]) -> None:
+            inputs: dict[str, Upstream], register: bool = True) -> None:
     """The stage's card, and a training stage's transformers export logged and registered as an MLflow model."""
     from pipeline.tracking.cards import write_card
 
@@ -398,6 +421,14 @@ def _record(stage: str, settings: TrackingSettings, run: StageRun, manifest: dic
         manifest["outputs"]["card"] = card
         run.log_artifact(build_dir / card, str(Path(card).parent) if Path(card).parent != Path(".") else None)
     hf = manifest["outputs"].get("hf")
-    if settings.models and hf:
-        card_text = (build_dir / card).read_text() if card and Path(card).parent == Path(hf) else None
-        manifest["registered_model"] = log_model(settings, run.run_id, stage, build_dir / hf, card_text)
+    if not (settings.models and hf and register):
+        return
+    size = export_mb(build_dir / hf)
+    if size > settings.max_model_mb:  # the weights would travel through the tracking server
+        note = (f"the export ({size:,.0f} MB) is not logged as an MLflow model: over tracking.max_model_mb "
+                f"({settings.max_model_mb:,.0f}); it stays in {hf}/")
+        print(f"{stage}: warning: {note}", file=sys.stderr, flush=True)
+        manifest["warnings"].append(note)
+        return
+    card_text = (build_dir / card).read_text() if card and Path(card).parent == Path(hf) else None
+    manifest["registered_model"] = log_model(settings, run.run_id, stage, build_dir / hf, card_text)

@@ -129,6 +129,7 @@ class SweepParentRun(Callback):
             spent = [c.data.metrics[key] for c in children.values() if key in c.data.metrics]
             if spent:
                 client.log_metric(run_id, key, sum(spent))
+        client.log_metric(run_id, "energy/runs", sum("energy/kwh" in c.data.metrics for c in children.values()))
         client.log_metric(run_id, "sweep/failed_jobs", len(failed))
         lines = [f"{j['name']}" + (f" ({j['swept']})" if j["swept"] else "") + f": {j['error'] or j['run_status']}"
                  for j in failed]

@@ -86,7 +86,8 @@ def tokenized(tmp_path_factory, tracking_uri, data_dir) -> Path:
     out = tmp_path_factory.mktemp("tokenized")
     execute_stage("tokenize", load_stage("tokenize"),
                   compose(f"paths.outputs_dir={out}", f"tracking.uri={tracking_uri}",
-                          "tracking.experiment=tokenize-for-training", *tiny_tokenize_overrides(data_dir),
+                          "tracking.experiment=tokenize-for-training", "tracking.models=false",
+                          *tiny_tokenize_overrides(data_dir),
                           "tokenizer.vocab_size=512"))
     return out
 
@@ -111,6 +112,7 @@ def make_cfg(tmp_path, tracking_uri, experiment, data_dir):
             f"paths.outputs_dir={outputs_dir or tmp_path / 'outputs'}",
             f"tracking.uri={tracking_uri}",
             f"tracking.experiment={experiment}",
+            "tracking.models=false",  # registering a model costs seconds: tests/tracking/test_record.py does it
             *tiny_tokenize_overrides(data_dir),
             "tokenizer.vocab_size=512",
             *overrides,

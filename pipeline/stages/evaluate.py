@@ -118,14 +118,14 @@ def run(cfg: StageConfig, ctx: StageContext) -> StageResult:
 
     (ctx.build_dir / "results.json").write_text(json.dumps([r.as_dict() for r in result.rows], indent=1))
     before = lineage({n: u.manifest for n, u in ctx.inputs.items()})  # every stage before this one
-    (ctx.build_dir / "results.md").write_text(f"{result.report()}\n## Energy of the stages evaluated\n\n"
+    (ctx.build_dir / "results.md").write_text(f"{result.report()}\n## Energy of the pipeline before evaluate\n\n"
                                               f"{energy_table(before)}")
     for name in ("results.md", "results.json"):
         ctx.run.log_artifact(ctx.build_dir / name)
     print(result.summary())
     spent = total([m.get("energy") for m in before])
-    return StageResult(counts={**result.counts(), "pipeline_energy": spent},
-                       metrics={**result.metrics(), "pipeline/energy_kwh": spent["kwh"],
-                                "pipeline/co2_kg": spent["co2_kg"]},
+    measured = {"pipeline/energy_kwh": spent["kwh"], "pipeline/co2_kg": spent["co2_kg"]} if spent["runs"] else {}
+    return StageResult(counts={**result.counts(), "pipeline_energy": {**spent, "stages": len(before)}},
+                       metrics={**result.metrics(), **measured},
                        outputs={"results": "results.json", "report": "results.md",
                                 "table": [r.as_dict() for r in result.rows if r.source == ALL]})

@@ -36,10 +36,13 @@ class TrackingSettings:
     lineage: bool = True  # each stage's inputs and output as MLflow datasets (the dashboard's Dataset column)
     models: bool = True  # training stages log their transformers export as an MLflow model and register it
     model_name: Optional[str] = None  # the registered model's name; null: the MLflow experiment's
+    max_model_mb: float = 2000.0  # a larger export is not logged (its weights would go through the tracking server)
 
     def __post_init__(self):
         from pipeline.errors import ConfigError
 
+        if isinstance(self.energy_country, str):
+            self.energy_country = self.energy_country.upper()
         if isinstance(self.energy_country, str) and not (len(self.energy_country) == 3 and self.energy_country.isalpha()):
             raise ConfigError("energy_country", f"is '{self.energy_country}': give a three-letter ISO 3166-1 code "
                                                 f"(USA, DEU, FRA ...)")
@@ -148,13 +151,14 @@ class StageRun:
         # earlier checkpoint repeats those steps; they are logged once.
         self.logged_until = dict(logged_until or {})
 
-    def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None, always: bool = False) -> None:
+        """Log at ``step``; a step an earlier execution of a resumed run logged is skipped unless ``always``."""
         from mlflow.entities import Metric
         import time
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
-                 if (step or 0) > self.logged_until.get(k, -1)]
+                 if always or (step or 0) > self.logged_until.get(k, -1)]
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
 

@@ -242,8 +242,11 @@ def identity(manifest: dict) -> str:
 
 def energy_section(manifest: dict) -> str:
     energy = manifest.get("energy")
+    if "energy" not in manifest:
+        return section("Energy", "Not recorded: the manifest predates energy tracking.")
     if not isinstance(energy, Mapping):
-        return section("Energy", "Not measured: energy tracking was off for this run (`tracking.energy`).")
+        return section("Energy", "Not measured: energy tracking was off for this run (`tracking.energy`), or "
+                                 "codecarbon gave no reading.")
     intensity = energy.get("carbon_intensity_g_per_kwh")
     rows = [("energy (kWh)", energy.get("kwh")), ("emissions (kg CO2eq)", energy.get("co2_kg")),
             ("duration (s)", energy.get("duration_s")),

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+import sys
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -40,6 +41,14 @@ class EnergyReading:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def plus(self, earlier: Mapping[str, float]) -> "EnergyReading":
+        """This reading with an earlier execution's (its ``energy/*`` metrics) added: a resumed run's total."""
+        if not earlier:
+            return self
+        return replace(self, kwh=self.kwh + earlier.get("energy/kwh", 0.0),
+                       co2_kg=self.co2_kg + earlier.get("energy/co2_kg", 0.0),
+                       duration_s=self.duration_s + earlier.get("energy/duration_s", 0.0))
 
     def metrics(self) -> dict[str, float]:
         return {"energy/kwh": self.kwh, "energy/co2_kg": self.co2_kg, "energy/duration_s": self.duration_s}
@@ -85,8 +94,11 @@ class EnergyMeter:
         self._tracker.start()
 
     def stop(self) -> Optional[EnergyReading]:
-        self._tracker.stop()
-        data = self._tracker.final_emissions_data
+        try:
+            self._tracker.stop()
+        except Exception as e:  # noqa: BLE001 - a failed measurement must not fail the stage
+            print(f"energy: codecarbon failed to stop ({type(e).__name__}: {e}); no reading", file=sys.stderr)
+        data = getattr(self._tracker, "final_emissions_data", None)  # set by a stop that worked
         if data is None:
             return None
         source, measured = power_source(getattr(self._tracker, "_hardware", []))
@@ -104,18 +116,23 @@ def total(readings: list[dict]) -> dict[str, float]:
 
 def lineage(manifests: Mapping[str, dict]) -> list[dict]:
     """The given manifests and everything upstream of them (read from their input folders), once each, every
-    stage after the stages it read: the pipeline that produced what a stage read."""
+    stage after the stages it read: the pipeline that produced what a stage read. An upstream manifest that is
+    gone or unreadable is left out (a stage since cleaned away)."""
     found: dict[str, dict] = {}
+    seen: set[str] = set()
 
     def visit(manifest: dict) -> None:
         key = f"{manifest.get('stage')}:{manifest.get('mlflow_run_id')}:{manifest.get('finished_at')}"
-        if key in found:
+        if key in seen:
             return
+        seen.add(key)
         for _, upstream in sorted(manifest.get("inputs", {}).items()):
-            path = Path(upstream.get("dir", "")) / "manifest.json"
-            if path.is_file():
-                visit(json.loads(path.read_text()))
-        found.setdefault(key, manifest)
+            path = Path(upstream["dir"]) / "manifest.json" if upstream.get("dir") else None
+            try:
+                visit(json.loads(path.read_text())) if path and path.is_file() else None
+            except (OSError, json.JSONDecodeError):
+                continue
+        found[key] = manifest
 
     for _, manifest in sorted(manifests.items()):
         visit(manifest)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 DIGEST_CHARS = 16  # of the manifest's sha256 (MLflow keeps at most 36 characters)
 CONTEXT = "mlflow.data.context"
@@ -83,6 +85,7 @@ def named_paths(config: Any, prefix: str = "") -> dict[str, tuple[str, Optional[
     found = {}
     if isinstance(config, Mapping):
         for key, value in config.items():
+            key = str(key)
             name = f"{prefix}{key}"
             if (key == "path" or key.endswith("_path")) and isinstance(value, str) and value:
                 found[name[:-len(".path")] if key == "path" else name] = (value, config.get("license"))
@@ -122,18 +125,47 @@ def log_datasets(client, run_id: str, inputs: list[StageData], output: StageData
                                         dataset_input(output, "output")])
 
 
-def log_model(settings, run_id: str, stage: str, hf_dir: Path, card: Optional[str]) -> dict[str, Any]:
-    """Log the transformers export at ``hf_dir`` as the run's MLflow model and register it (alias ``stage``).
+@contextmanager
+def fluent_store(uri: str, experiment_id: str) -> Iterator[None]:
+    """MLflow's fluent API pointed at ``uri`` and ``experiment_id`` for the block, then put back as it was.
 
-    Returns what the manifest records: the registered name, version, alias and the URIs that load it.
+    ``mlflow.transformers.log_model`` has no client form; ``set_tracking_uri`` and ``set_experiment`` also write
+    MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_ID into the environment, which the next config composed in this
+    process (or a subprocess) would read as its store.
+    """
+    import mlflow
+    from mlflow.tracking import _tracking_service, fluent
+
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    saved = (_tracking_service.utils._tracking_uri, fluent._active_experiment_id)
+    try:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(experiment_id=experiment_id)
+        yield
+    finally:
+        _tracking_service.utils._tracking_uri, fluent._active_experiment_id = saved
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def export_mb(hf_dir: Path) -> float:
+    return sum(f.stat().st_size for f in Path(hf_dir).rglob("*") if f.is_file()) / 1e6
+
+
+def log_model(settings, run_id: str, stage: str, hf_dir: Path, card: Optional[str]) -> dict[str, Any]:
+    """Log the transformers export at ``hf_dir`` as the run's MLflow model and register a version of it.
+
+    Returns what the manifest records: the registered name, version, the alias ``set_alias`` gives it once the
+    stage's output is published, and the URIs that load it.
     """
     import mlflow
     import mlflow.transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     client = mlflow.MlflowClient(settings.uri)
-    mlflow.set_tracking_uri(settings.uri)
-    mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
     components = {"model": AutoModelForCausalLM.from_pretrained(hf_dir), "tokenizer": AutoTokenizer.from_pretrained(hf_dir)}
     model_card = None
     if card is not None:
@@ -141,14 +173,21 @@ def log_model(settings, run_id: str, stage: str, hf_dir: Path, card: Optional[st
 
         model_card = ModelCard(card)  # ours, so MLflow asks no hub for one
     name = settings.registered_model
-    info = mlflow.transformers.log_model(
-        transformers_model=components, name="model", task="text-generation", run_id=run_id, model_card=model_card,
-        registered_model_name=name, pip_requirements=_requirements(), tags={"stage": stage})
+    with fluent_store(settings.uri, client.get_run(run_id).info.experiment_id):
+        info = mlflow.transformers.log_model(
+            transformers_model=components, name="model", task="text-generation", run_id=run_id, model_card=model_card,
+            registered_model_name=name, pip_requirements=_requirements(), tags={"stage": stage})
     version = str(info.registered_model_version)
-    client.set_registered_model_alias(name, stage, version)
     client.set_model_version_tag(name, version, "stage", stage)
     return {"name": name, "version": version, "alias": stage, "uri": f"models:/{name}/{version}",
             "model_id": info.model_id}
+
+
+def set_alias(settings, registered: Mapping[str, str]) -> None:
+    """Point the stage's alias at the version its now-published output registered."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(settings.uri).set_registered_model_alias(registered["name"], registered["alias"], registered["version"])
 
 
 def _requirements() -> list[str]:

@@ -260,6 +260,7 @@ def test_sigterm_then_resume_gives_the_uninterrupted_losses(outputs, tracking_ur
     (first,) = mlflow_runs(tracking_uri, killed)
     assert first.info.status == "KILLED"
     assert not (tmp_path / "killed" / "demo" / "pretrain" / "manifest.json").exists()
+    assert first.data.metrics["energy/kwh"] > 0, "a killed execution logs the energy it measured"
 
     proc = _cli(*args)
     out = proc.communicate(timeout=600)[0]
@@ -273,6 +274,10 @@ def test_sigterm_then_resume_gives_the_uninterrupted_losses(outputs, tracking_ur
     for step in (stopped_at + 1, 40, 60):
         assert ours[step] == pytest.approx(theirs[step], rel=1e-5, abs=1e-6), step
     assert run.data.metrics["val/loss"] == pytest.approx(reference.data.metrics["val/loss"], rel=1e-5)
+    energy = json.loads((tmp_path / "killed" / "demo" / "pretrain" / "manifest.json").read_text())["energy"]
+    assert energy["kwh"] > first.data.metrics["energy/kwh"] and run.data.metrics["energy/kwh"] == \
+        pytest.approx(energy["kwh"]), "the resumed run's energy adds the killed execution's"
+    assert energy["duration_s"] > first.data.metrics["energy/duration_s"]
 
 
 @pytest.mark.slow

@@ -7,6 +7,8 @@ under the stage's alias; a plot a stage logged opens as an image.
 """
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import struct
 import subprocess
@@ -91,18 +93,19 @@ def dashboard(tmp_path_factory, data_dir):
         server = subprocess.Popen(
             [str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri", uri,
              "--artifacts-destination", str(root / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"], cwd=root, stdout=out, stderr=subprocess.STDOUT)
+             "--workers", "1"], cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no background job runner
     try:
         runs = run_stages(root, data_dir)
         url = f"http://127.0.0.1:{port}"
         wait_for_health(url, server, log)
         yield Dashboard(url, uri, MlflowClient(uri).get_experiment_by_name(EXPERIMENT).experiment_id, runs)
-    finally:
-        server.terminate()
+    finally:  # the whole group: `mlflow ui` runs uvicorn as a child
+        os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            server.kill()
+            os.killpg(server.pid, signal.SIGKILL)
             server.wait()
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -85,14 +86,17 @@ def test_power_source_says_what_was_estimated():
 
 @pytest.mark.slow
 def test_pretrain_logs_datasets_and_registers_a_model_that_loads_back(tokenized, tracking_uri, experiment, data_dir):
-    import mlflow
     import mlflow.transformers
+
+    from pipeline.tracking.lineage import fluent_store
 
     cfg = compose(f"paths.outputs_dir={tokenized}", f"tracking.uri={tracking_uri}", f"tracking.experiment={experiment}",
                   *tiny_tokenize_overrides(data_dir), "tokenizer.vocab_size=512", *TINY_TRAIN,
                   "pretrain.max_steps=10", "pretrain.eval_every_steps=10", "pretrain.ckpt_every_steps=10",
                   "pretrain.sample_every_steps=10", "tracking.models=true")
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
     manifest = execute_stage("pretrain", load_stage("pretrain"), cfg, out_dir=tokenized / "demo" / f"pretrain-{experiment}")
+    assert os.environ.get("MLFLOW_TRACKING_URI") == env_before, "logging the model leaves the process's store alone"
     out = Path(tokenized / "demo" / f"pretrain-{experiment}")
     client = MlflowClient(tracking_uri)
     run = client.get_run(manifest["mlflow_run_id"])
@@ -116,12 +120,18 @@ def test_pretrain_logs_datasets_and_registers_a_model_that_loads_back(tokenized,
     assert registered["name"] == experiment and registered["alias"] == "pretrain"
     version = client.get_model_version_by_alias(experiment, "pretrain")
     assert str(version.version) == registered["version"] and version.run_id == run.info.run_id
-    mlflow.set_tracking_uri(tracking_uri)
-    loaded = mlflow.transformers.load_model(f"models:/{experiment}@pretrain", return_type="components")
+    with fluent_store(tracking_uri, run.info.experiment_id):
+        loaded = mlflow.transformers.load_model(f"models:/{experiment}@pretrain", return_type="components")
     ids = torch.randint(0, 512, (2, 16))
     with torch.no_grad():
         assert torch.allclose(loaded["model"].eval()(ids).logits, load_model(out).eval()(ids)[0], atol=1e-5)
     assert loaded["tokenizer"]("To be").input_ids, "the tokenizer travels with the model"
+
+    # A sweep's job (a run with a parent) registers nothing: the alias stays on the published stage's version.
+    job = execute_stage("pretrain", load_stage("pretrain"), cfg, out_dir=tokenized / "demo" / f"job-{experiment}",
+                        parent_run_id=run.info.run_id)
+    assert "registered_model" not in job
+    assert [v.version for v in client.search_model_versions(f"name='{experiment}'")] == [version.version]
 
     # Energy of the lineage: tokenize then pretrain, summed.
     stages = lineage({"pretrain": manifest})
