@@ -33,7 +33,8 @@ def test_shards_decode_back_to_every_document(make_cfg, tracking_uri, experiment
     out = Path(cfg.paths.outputs_dir) / "demo" / "tokenize"
     assert json.loads((out / MANIFEST).read_text()) == json.loads(json.dumps(manifest))
     assert sorted(p.name for p in out.iterdir() if not p.name.endswith((".bin", ".npy"))) == [
-        "corpus.png", MANIFEST, "tokenizer.json", "val.parquet"]
+        "DATASET_CARD.md", "corpus.png", MANIFEST, "tokenizer.json", "val.parquet"]
+    assert manifest["outputs"]["card"] == "DATASET_CARD.md"
     assert (out / "corpus.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     eos = manifest["outputs"]["eos_id"]
