@@ -37,6 +37,9 @@ class TrackingSettings:
     models: bool = True  # training stages log their transformers export as an MLflow model and register it
     model_name: Optional[str] = None  # the registered model's name; null: the MLflow experiment's
     max_model_mb: float = 2000.0  # a larger export is not logged (its weights would go through the tracking server)
+    server_store: Optional[str] = None  # tracking=server: nobody answers at a loopback ``uri``, so start ``mlflow
+    # server`` there with this backend store (null: never start one)
+    server_artifacts: Optional[str] = None  # and this artifact root (pipeline/tracking/server.py)
 
     def __post_init__(self):
         from pipeline.errors import ConfigError
@@ -106,6 +109,10 @@ def check_reachable(uri: str) -> None:
 
 
 def client_for(settings: TrackingSettings):
+    if settings.server_store and settings.uri not in _answered:
+        from pipeline.tracking.server import ensure_server
+
+        ensure_server(settings.uri, settings.server_store, settings.server_artifacts or "mlartifacts")
     check_reachable(settings.uri)
     from mlflow.tracking import MlflowClient  # mlflow is slow to import; only stages that track pay for it
 
