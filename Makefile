@@ -19,6 +19,7 @@ DATA := $(or $(PIPELINE_DATA_DIR),../shared/data)
 OUT := $(OUTPUTS)/$(EXP)
 STAGE = $(PY) -m pipeline
 MLFLOW_PORT ?= 5000
+MLFLOW_HOST ?= 127.0.0.1
 
 # Every stage gets the preset, the outputs folder (when not the default) and the user's overrides.
 STAGE_ARGS = experiment=$(EXP) $(if $(filter-out outputs,$(OUTPUTS)),paths.outputs_dir=$(abspath $(OUTPUTS))) $(ARGS)
@@ -38,12 +39,12 @@ $(error ARGS sets name=: choose the experiment with EXP=<preset> instead, so Mak
 endif
 
 .PHONY: help setup test all filter inspect-filter dedup dedup-eval tokenize pretrain cpt sft inspect-sft dpo merge evaluate sweep \
-	scaling generate bench clean mlflow-ui FORCE
+	scaling generate bench clean mlflow-ui mlflow-server FORCE
 
 help: ## Show the targets
 	@echo "usage: make <target> [EXP=$(EXP)] [ARGS='key=value ...']"
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -e 's/$$(TORCH)/$(TORCH)/' -e 's/$$(MLFLOW_PORT)/$(MLFLOW_PORT)/' -e 's/$$(EXP)/$(EXP)/' \
-		| awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -e 's/$$(TORCH)/$(TORCH)/' -e 's/$$(MLFLOW_PORT)/$(MLFLOW_PORT)/' -e 's/$$(MLFLOW_HOST)/$(MLFLOW_HOST)/' -e 's/$$(EXP)/$(EXP)/' \
+		| awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is needed, found " + sys.version'
@@ -58,7 +59,7 @@ setup: ## Reinstall .venv: torch ($(TORCH)) first, then the project with its dev
 	$(MAKE) --no-print-directory $(INSTALLED)
 
 test: $(INSTALLED) ## Run the whole test suite, slow tests included (what CI runs; sets up .venv first if missing)
-	$(PY) -m pytest --runslow -q
+	$(PY) -m pytest --runslow -q --durations=25
 
 all: filter dedup tokenize pretrain cpt sft dpo merge evaluate ## Run the demo pipeline, skipping what is up to date (sweep and scaling are separate)
 
@@ -149,12 +150,18 @@ $(OUT)/evaluate/manifest.json: $(OUT)/merge/manifest.json $(OUT)/dpo/manifest.js
 	$(STAGE) evaluate $(STAGE_ARGS)
 
 SWEEP ?= demo
-sweep: $(OUT)/.sweep/$(SWEEP) ## Pretrain sweep over model sizes and token budgets (conf/sweep/, SWEEP=demo): one MLflow parent run
+# How the jobs run (not what they compute, so not part of the stamp): LAUNCHER=basic (one after another), joblib
+# (side by side, JOBS at once, default all cores), submitit_local or slurm; all but basic write to an MLflow server.
+LAUNCHER ?= basic
+JOBS ?=
+LAUNCH = hydra/launcher=$(LAUNCHER) $(if $(filter-out basic,$(LAUNCHER)),tracking=server) \
+	$(if $(and $(JOBS),$(filter joblib,$(LAUNCHER))),hydra.launcher.n_jobs=$(JOBS))
+sweep: $(OUT)/.sweep/$(SWEEP) ## Pretrain sweep over model sizes and token budgets (SWEEP=demo, LAUNCHER=basic|joblib|slurm); rerun resumes
 
 $(eval $(call args_stamp,sweep))
 $(OUT)/.sweep/$(SWEEP): $(OUT)/tokenize/manifest.json $(OUT)/.args/sweep $(TRAIN_DEPS) conf/pretrain.yaml \
-		conf/sweep/$(SWEEP).yaml pipeline/stages/pretrain.py
-	$(STAGE) pretrain -m +sweep=$(SWEEP) $(STAGE_ARGS)
+		conf/sweep/$(SWEEP).yaml pipeline/stages/pretrain.py pipeline/sweep.py
+	$(STAGE) pretrain -m +sweep=$(SWEEP) $(LAUNCH) $(STAGE_ARGS)
 	@mkdir -p $(@D); touch $@
 
 scaling: $(OUT)/scaling/manifest.json ## Fit Kaplan and Chinchilla scaling laws to the latest sweep (after make sweep)
@@ -172,6 +179,10 @@ bench: $(INSTALLED) ## Benchmarks against baselines measured in the same run (ou
 
 mlflow-ui: $(INSTALLED) ## Serve the MLflow dashboard on http://127.0.0.1:$(MLFLOW_PORT)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath $(OUTPUTS))/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+mlflow-server: $(INSTALLED) ## Run an MLflow server on http://$(MLFLOW_HOST):$(MLFLOW_PORT) for tracking=server (parallel sweeps)
+	$(PY) -m pipeline.tracking.server --store sqlite:///$(abspath $(OUTPUTS))/mlflow.db \
+		--artifacts $(abspath $(OUTPUTS))/mlartifacts --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
 
 # One experiment's folder and nothing else: EXP must be a plain name (not empty, no '/' or '..') of a folder in
 # $(OUTPUTS)/ that a run wrote (Hydra's logs/ or multirun/, Make's .args/ or .sweep/ inside), so neither the MLflow

@@ -40,6 +40,39 @@ def usage() -> str:
     ])
 
 
+# The pip package of each Hydra launcher plugin a user may name (hydra/launcher=<name>).
+LAUNCHER_PACKAGES = {"joblib": "hydra-joblib-launcher", "submitit_local": "hydra-submitit-launcher",
+                     "submitit_slurm": "hydra-submitit-launcher", "ray": "hydra-ray-launcher",
+                     "ray_aws": "hydra-ray-launcher", "rq": "hydra-rq-launcher"}
+
+
+def missing_launcher(args: list[str]) -> str | None:
+    """One line for a ``hydra/launcher=<name>`` among ``args`` that no installed plugin or conf/hydra/launcher/
+    file provides, naming the plugin's package where known; None when every launcher named is there."""
+    named = [a.split("=", 1)[1] for a in args if a.lstrip("+~").split("=", 1)[0] == "hydra/launcher" and "=" in a]
+    if not named:
+        return None
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    from omegaconf import OmegaConf
+
+    Plugins.instance()  # discovers the installed plugins, which register their launchers' configs
+    known = {Path(n).stem for n in ConfigStore.instance().repo.get("hydra", {}).get("launcher", {})}
+    presets = {}  # ours (conf/hydra/launcher/), each over a plugin's launcher: usable when that one is installed
+    for path in (CONF_DIR / "hydra" / "launcher").glob("*.yaml"):
+        base = [d for d in OmegaConf.load(path).get("defaults", []) if isinstance(d, str) and d != "_self_"]
+        presets[path.stem] = base[0] if base else None
+    known |= {name for name, base in presets.items() if base is None or base in known}
+    for name in named:
+        if name not in known:
+            package = LAUNCHER_PACKAGES.get(presets.get(name) or name)
+            return (f"hydra/launcher={name}: " + (f"its plugin is not installed (pip install {package})"
+                                                  if package else "no such launcher")
+                    + f"; launchers here: {', '.join(sorted(known))}")
+    return None
+
+
 def disk_full(error: BaseException, places: dict[str, str] | None = None) -> str | None:
     """One line for an error caused by a full disk or quota (ENOSPC or EDQUOT anywhere in its chain of causes:
     torch, Lightning and datasets wrap the OSError) naming the file, or None for any other error.
@@ -110,7 +143,7 @@ def _task(cfg) -> None:
     from pipeline.contract import execute_stage
     from pipeline.errors import PipelineError
     from pipeline.stages import load_stage
-    from pipeline.sweep import JOB_CONFIG_ERROR_ENV
+    from pipeline.sweep import JOB_CONFIG_ERROR_ENV, JOB_THREADS_ENV, SKIPPED
     from pipeline.tracking import PARENT_RUN_ENV
 
     hc = HydraConfig.get()
@@ -122,6 +155,11 @@ def _task(cfg) -> None:
         run_name = f"{stage}-{hc.job.num}"
         tags = {"overrides": hc.job.override_dirname, "sweep_job": str(hc.job.num),
                 "sweep_overrides": json.dumps(list(hc.overrides.task))}
+        if os.environ.get(JOB_THREADS_ENV):  # jobs side by side share the cores (set by the sweep's callback)
+            import torch
+
+            torch.set_num_threads(int(os.environ[JOB_THREADS_ENV]))
+            tags["sweep_job_threads"] = os.environ[JOB_THREADS_ENV]
 
     class StageError(CompactHydraException):
         pass
@@ -129,8 +167,10 @@ def _task(cfg) -> None:
     try:
         if os.environ.get(JOB_CONFIG_ERROR_ENV):  # a sweep job whose overrides did not compose: it fails alone
             raise PipelineError(os.environ[JOB_CONFIG_ERROR_ENV])
-        execute_stage(stage, load_stage(stage), load(cfg), out_dir=out_dir,
-                      parent_run_id=os.environ.get(PARENT_RUN_ENV), run_name=run_name, extra_tags=tags)
+        manifest = execute_stage(stage, load_stage(stage), load(cfg), out_dir=out_dir,
+                                 parent_run_id=os.environ.get(PARENT_RUN_ENV), run_name=run_name, extra_tags=tags,
+                                 skip_complete=hc.mode == RunMode.MULTIRUN)
+        return SKIPPED if manifest.get("skipped") else None
     except Exception as e:
         # A full disk is named even where a stage reported it as an unreadable input (datasets' cache).
         message = disk_full(e, _places(cfg)) or (str(e) if isinstance(e, PipelineError) else None)
@@ -150,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         stage, rest = os.environ[STAGE_ENV], argv
     if stage not in STAGES and stage not in TOOLS:
         print(f"error: unknown stage '{stage}'; stages: {', '.join([*STAGES, *TOOLS])}", file=sys.stderr)
+        return 2
+
+    launcher_error = missing_launcher(rest)
+    if launcher_error:
+        print(f"error: {launcher_error}", file=sys.stderr)
         return 2
 
     import signal

@@ -39,7 +39,7 @@ from pipeline.config import RootConfig, as_plain
 from pipeline.errors import BadInput, MissingUpstream, PipelineError, shown_path
 from pipeline.files import file_hash
 from pipeline.model.checkpoints import checkpoint_dir_for
-from pipeline.tracking import StageRun, TrackingSettings, end_if_running, flatten, stage_run
+from pipeline.tracking import StageRun, TrackingSettings, client_for, end_if_running, flatten, stage_run
 from pipeline.tracking.lineage import StageData, export_mb, log_datasets, log_model, set_alias
 
 if TYPE_CHECKING:
@@ -247,9 +247,12 @@ def remove_checkpoints(ckpt_dir: Path) -> None:
 
 
 def distributed_rank() -> int:
-    """This process's global rank when Lightning or torchrun launched it as one of several, else 0."""
+    """This process's global rank when Lightning, torchrun or SLURM (srun, submitit: a task per device) launched
+    it as one of several, else 0."""
     if "RANK" in os.environ:
         return int(os.environ["RANK"])
+    if int(os.environ.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in os.environ:
+        return int(os.environ["SLURM_PROCID"])
     local, node = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("NODE_RANK", 0))
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
     return node * per_node + local
@@ -277,23 +280,49 @@ def execute_worker_rank(module: ModuleType, cfg: RootConfig, section: StageConfi
         module.run(section, ctx)
 
 
+def complete_output(final_dir: Path, chash: str, settings: TrackingSettings, parent_run_id: Optional[str]) -> Optional[dict]:
+    """The manifest in ``final_dir`` if it is complete with config hash ``chash`` and its run is a child of
+    ``parent_run_id`` (a resumed sweep's), else None: an output another sweep left there is rebuilt, so that every
+    job of a sweep is a child of its parent run."""
+    from mlflow.exceptions import MlflowException
+
+    if not (final_dir / MANIFEST).is_file():
+        return None
+    done = json.loads((final_dir / MANIFEST).read_text())
+    if done.get("config_hash") != chash or not done.get("mlflow_run_id"):
+        return None
+    try:
+        run = client_for(settings).get_run(done["mlflow_run_id"])
+    except MlflowException:  # its run is gone (another store, or deleted)
+        return None
+    return done if run.data.tags.get("mlflow.parentRunId") == parent_run_id else None
+
+
 def execute_stage(stage: str, module: ModuleType, cfg: RootConfig, out_dir: Optional[Path] = None,
                   parent_run_id: Optional[str] = None, run_name: Optional[str] = None,
-                  extra_tags: Optional[dict[str, str]] = None) -> dict:
-    """Run one stage under the contract and return its manifest."""
+                  extra_tags: Optional[dict[str, str]] = None, skip_complete: bool = False) -> dict:
+    """Run one stage under the contract and return its manifest.
+
+    ``skip_complete`` (a sweep's jobs): an output already complete with this config hash, made by a run of the same
+    sweep (``parent_run_id``), is kept and its manifest returned with ``skipped`` set, nothing run or logged."""
     started = time.time()
     section = stage_config(stage, module, cfg)
     outputs_dir = Path(cfg.paths.outputs_dir)
     final_dir = Path(out_dir) if out_dir else stage_dir(outputs_dir, cfg.name, stage)
-    rank = distributed_rank()
-    if rank:
-        execute_worker_rank(module, cfg, section, final_dir, rank)
-        return {}
     sections = {key: as_plain(getattr(cfg, key)) for key in module.SECTIONS}
     inputs = {name: read_upstream(outputs_dir, cfg.name, name) for name in module.upstream(section)}
     files = module.fingerprint(section) if hasattr(module, "fingerprint") else {}
     chash = config_hash({"config": sections, "inputs": {n: u.hash for n, u in inputs.items()},
                          **({"files": files} if files else {})})
+    done = complete_output(final_dir, chash, cfg.tracking, parent_run_id) if skip_complete else None
+    if done is not None:  # every rank of a distributed job skips alike
+        print(f"{stage}: {shown_path(final_dir)} is complete with this config ({chash}): skipped (MLflow run "
+              f"{done.get('mlflow_run_id')})", file=sys.stderr, flush=True)
+        return {**done, "skipped": True}
+    rank = distributed_rank()
+    if rank:
+        execute_worker_rank(module, cfg, section, final_dir, rank)
+        return {}
     commit = git_commit()
     tags = {"stage": stage, "config_hash": chash, "git_commit": commit, "mlflow.source.git.commit": commit,
             **{f"upstream.{n}.run_id": u.run_id or "" for n, u in inputs.items()}, **(extra_tags or {})}

@@ -20,7 +20,7 @@ def make(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def test_help_is_the_default_goal_and_lists_every_stage():
     proc = make()
     assert proc.returncode == 0
-    for target in ["setup", "test", "all", "clean", "mlflow-ui", "bench", "sweep", *STAGES, *TOOLS]:
+    for target in ["setup", "test", "all", "clean", "mlflow-ui", "mlflow-server", "bench", "sweep", *STAGES, *TOOLS]:
         assert f"  {target} " in proc.stdout, target
 
 
@@ -60,6 +60,19 @@ def test_make_tokenize_twice_runs_the_stages_once(tmp_path, data_dir, tracking_u
     third = make("filter", f"OUTPUTS={tmp_path}", f"ARGS={args} tokenizer.vocab_size=600", env=env)
     assert third.returncode == 0 and "-m pipeline filter" in third.stdout
     assert len(mlflow_runs(tracking_uri, experiment)) == 4
+
+
+def test_make_sweep_names_its_launcher_and_adds_the_server_for_jobs_side_by_side(tmp_path):
+    def sweep_command(*args: str) -> str:
+        proc = make("-n", "sweep", f"OUTPUTS={tmp_path}", *args)
+        assert proc.returncode == 0, proc.stderr
+        (command,) = [line for line in proc.stdout.splitlines() if " -m pipeline pretrain -m " in line]
+        return " ".join(command.split())
+
+    assert "+sweep=demo hydra/launcher=basic experiment=demo" in sweep_command()
+    assert "+sweep=demo hydra/launcher=joblib tracking=server hydra.launcher.n_jobs=2 experiment=demo" in \
+        sweep_command("LAUNCHER=joblib", "JOBS=2")
+    assert "hydra/launcher=slurm tracking=server experiment=demo" in sweep_command("LAUNCHER=slurm", "JOBS=2")
 
 
 def test_inspect_filter_without_output_names_the_target(tmp_path):

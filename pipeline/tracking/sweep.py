@@ -30,11 +30,18 @@ def find_sweep(client, experiment_id: str, stage: str, run_id: Optional[str] = N
         return client.get_run(run_id)
     runs = client.search_runs([experiment_id], f"tags.sweep = 'parent' AND tags.stage = '{stage}'",
                               order_by=["attributes.start_time DESC"], max_results=100)
-    ended = [r for r in runs if r.info.status in ("FINISHED", "FAILED")]
+    # A resumed sweep keeps its first start time: the one that ended last is the newest result.
+    ended = sorted((r for r in runs if r.info.status in ("FINISHED", "FAILED")), key=lambda r: r.info.end_time or 0,
+                   reverse=True)
     return (ended or runs or [None])[0]
 
 
 def sweep_jobs(client, parent) -> list:
-    """The parent's child runs, in job order."""
-    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    return sorted(children, key=lambda c: int(c.data.tags.get("sweep_job", 0)))
+    """The parent's child runs, in job order; of a job run more than once (a resumed sweep reruns its failed
+    jobs), the newest run."""
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+                                  max_results=50000)
+    newest: dict[str, object] = {}
+    for child in sorted(children, key=lambda c: c.info.start_time or 0):
+        newest[child.data.tags.get("sweep_job", child.info.run_id)] = child
+    return sorted(newest.values(), key=lambda c: int(c.data.tags.get("sweep_job", 0)))

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from tokenizers import Tokenizer
 
-from pipeline.errors import StageKilled
+from pipeline.errors import PipelineError, StageKilled
 from pipeline.model.checkpoints import latest_checkpoint
 from pipeline.model.gpt import GPT, ModelConfig, flops_per_token, non_embedding_params
 from pipeline.tokenizer.encode import TokenShards
@@ -54,6 +54,11 @@ def peak_flops(spec: TrainerSpec) -> float:
 
 
 def make_trainer(spec: TrainerSpec, train: TrainSpec, callbacks: list[pl.Callback]) -> pl.Trainer:
+    if spec.strategy.startswith("fsdp") and (spec.accelerator == "cpu" or not torch.cuda.is_available()):
+        # Lightning 2.6 refuses FSDP on anything but CUDA devices (torch's FSDP itself could run with gloo).
+        raise PipelineError(f"trainer.strategy={spec.strategy} needs CUDA GPUs (Lightning runs FSDP only there), and "
+                            + ("the run asks for trainer.accelerator=cpu" if spec.accelerator == "cpu"
+                               else "this machine has none") + ": on CPUs use trainer=ddp (trainer.devices=N processes)")
     torch.set_float32_matmul_precision(spec.matmul_precision)
     return pl.Trainer(
         accelerator=spec.accelerator, devices=spec.devices, num_nodes=spec.num_nodes, strategy=spec.strategy,

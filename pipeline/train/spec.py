@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Optional
 
-from pipeline.errors import check, choice
+from pipeline.errors import ConfigError, check, choice
 
 
 class Schedule(StrEnum):
@@ -48,6 +48,11 @@ class TrainerSpec:
     cpu_peak_flops_per_core: float = 1e11  # for MFU on CPU: 3 GHz * 32 fp32 FLOP/cycle (two AVX2 FMA units)
     peak_flops: Optional[float] = None  # override the table (FLOP/s per device)
     matmul_precision: str = "high"  # torch.set_float32_matmul_precision (TF32 on Ampere and newer)
+
+    def __post_init__(self):
+        if self.strategy.startswith("fsdp") and self.accelerator == "cpu":  # Lightning 2.6 runs FSDP on CUDA only
+            raise ConfigError("strategy", f"is {self.strategy} with accelerator=cpu: FSDP needs CUDA GPUs; on CPUs use "
+                                          f"trainer=ddp")
 
 
 @dataclass

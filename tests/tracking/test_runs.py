@@ -1,9 +1,6 @@
 """Stage runs against a real SQLite MLflow store: statuses, params, tags, resume, sweeps."""
 from __future__ import annotations
 
-import json
-
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.errors import StageKilled
 from pipeline.tracking import TrackingSettings, flatten, stage_run
 from pipeline.tracking.sweep import sweep_status
-from tests.conftest import mlflow_runs, run_cli, tiny_tokenize_overrides
+from tests.conftest import mlflow_runs
 
 
 def _settings(tracking_uri, experiment, tmp_path):
@@ -109,41 +106,3 @@ def test_sweep_status_reflects_its_jobs(statuses, expected):
     assert sweep_status(statuses) == expected
 
 
-@pytest.mark.slow
-def test_multirun_is_one_parent_with_a_child_per_job(tracking_uri, experiment, tmp_path, data_dir):
-    proc = run_cli("tokenize", "-m", "tokenizer.vocab_size=512,1024", f"paths.outputs_dir={tmp_path}",
-                   f"tracking.experiment={experiment}", *tiny_tokenize_overrides(data_dir),
-                   env={"MLFLOW_TRACKING_URI": tracking_uri})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = mlflow_runs(tracking_uri, experiment)
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(runs) == 3 and len(children) == 2
-    assert parent.info.status == "FINISHED" and parent.data.tags["sweep"] == "parent"
-    assert sorted(c.data.params["tokenizer.vocab_size"] for c in children) == ["1024", "512"]
-    assert all(c.info.status == "FINISHED" for c in children)
-    # each job wrote its own output, not over outputs/<exp>/tokenize
-    manifests = sorted(tmp_path.glob("demo/multirun/tokenize/*/*/tokenize/manifest.json"))
-    assert len(manifests) == 2 and not (tmp_path / "demo" / "tokenize").exists()
-
-
-@pytest.mark.slow
-def test_a_failed_sweep_job_is_named_and_the_other_still_finishes(tracking_uri, experiment, tmp_path, data_dir):
-    # 200 is below the 256 bytes + special tokens a byte-level BPE needs: that job fails with a clear error
-    proc = run_cli("tokenize", "-m", "tokenizer.vocab_size=200,512", f"paths.outputs_dir={tmp_path}",
-                   f"tracking.experiment={experiment}", *tiny_tokenize_overrides(data_dir),
-                   env={"MLFLOW_TRACKING_URI": tracking_uri})
-    assert proc.returncode != 0 and "tokenizer.vocab_size=200 is below" in proc.stderr
-    runs = mlflow_runs(tracking_uri, experiment)
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    status = {r.data.params["tokenizer.vocab_size"]: r.info.status for r in runs if r is not parent}
-    assert status == {"200": "FAILED", "512": "FINISHED"}
-    assert parent.info.status == "FAILED"
-    assert parent.data.tags["failed_jobs"].startswith("tokenize-0 (tokenizer.vocab_size=200): ")
-    assert "sweep: 1 of 2 jobs finished" in proc.stderr
-    assert "sweep: failed job tokenize-0 (tokenizer.vocab_size=200): " in proc.stderr, "the failed job is named"
-    (summary,) = tmp_path.glob("demo/multirun/tokenize/*/sweep.json")
-    jobs = json.loads(summary.read_text())["jobs"]
-    assert sorted((j["swept"], j["status"], j["run_status"]) for j in jobs) == [
-        ("tokenizer.vocab_size=200", "FAILED", "FAILED"), ("tokenizer.vocab_size=512", "COMPLETED", "FINISHED")]
-    assert any("is below" in (j["error"] or "") for j in jobs), "the job's error is kept"
