@@ -14,7 +14,8 @@ BENCHMARKS = {"filter_rules": "pipeline.bench.filter_rules", "filter_rethreshold
               "dedup_near": "pipeline.bench.dedup_near", "dedup_memory": "pipeline.bench.dedup_memory",
               "tokenize_encode": "pipeline.bench.tokenize_encode", "pretrain_step": "pipeline.bench.pretrain_step",
               "pretrain_budget": "pipeline.bench.pretrain_budget", "sft_lora": "pipeline.bench.sft_lora",
-              "dpo_lora": "pipeline.bench.dpo_lora", "energy_overhead": "pipeline.bench.energy_overhead"}
+              "dpo_lora": "pipeline.bench.dpo_lora", "energy_overhead": "pipeline.bench.energy_overhead",
+              "sweep_parallel": "pipeline.bench.sweep_parallel"}
 
 
 def main() -> int:
