@@ -81,10 +81,14 @@ def test_quick_pretrain_budget_bench_reports_loss_and_bits_per_byte(tiny_tokeniz
 
 
 @pytest.mark.slow
-def test_pretrain_budget_without_shards_says_to_run_make_tokenize(tmp_path):
-    proc = _bench("pretrain_budget", tmp_path, f"paths.outputs_dir={tmp_path / 'outputs'}")
+def test_benches_without_shards_say_to_run_make_tokenize(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipeline.bench", "pretrain_budget", "sweep_parallel", "--quick",
+                           "--out", str(tmp_path), f"-o=paths.outputs_dir={tmp_path / 'outputs'}"], cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1
-    assert "run 'make tokenize' first" in proc.stderr and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert [e.split(":")[1].strip() for e in errors] == ["pretrain_budget", "sweep_parallel"], proc.stderr[-2000:]
+    assert all("run 'make tokenize' first" in e for e in errors) and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
