@@ -18,6 +18,7 @@ import socket
 import sys
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import urlsplit
 
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
@@ -73,15 +74,13 @@ def preflight(config: DictConfig, settings: TrackingSettings) -> None:
     """Refuse, before any job starts, a sweep its launcher cannot run: jobs side by side writing to a SQLite
     store, or a SLURM launcher without sbatch. (An MLflow server that does not answer is named by client_for.)"""
     name, launcher = launcher_name(config), config.hydra.launcher
-    if str(launcher.get("_target_", "")).endswith(".SlurmLauncher") and shutil.which("sbatch") is None:
+    slurm = str(launcher.get("_target_", "")).endswith(".SlurmLauncher")
+    if slurm and shutil.which("sbatch") is None:
         raise PipelineError(f"hydra/launcher={name} submits the jobs with SLURM's sbatch, which is not on this "
                             f"machine's PATH: run the sweep where SLURM is (a login node), or use "
                             f"hydra/launcher=submitit_local or joblib here")
-    from urllib.parse import urlsplit
-
     from pipeline.tracking.server import loopback
 
-    slurm = str(launcher.get("_target_", "")).endswith(".SlurmLauncher")
     if slurm and loopback(settings.uri):
         raise PipelineError(f"hydra/launcher={name} runs the jobs on other machines, where {settings.uri} is their "
                             f"own loopback: run the server where they reach it (make mlflow-server MLFLOW_HOST=0.0.0.0) "
@@ -178,6 +177,8 @@ def still_running(tags: dict) -> bool:
     except PermissionError:
         return True
     return True
+
+
 SKIPPED = "skipped: complete with this config"  # what a job's task returns when its output was complete
 
 

@@ -54,11 +54,11 @@ def peak_flops(spec: TrainerSpec) -> float:
 
 
 def make_trainer(spec: TrainerSpec, train: TrainSpec, callbacks: list[pl.Callback]) -> pl.Trainer:
-    if spec.strategy.startswith("fsdp") and (spec.accelerator == "cpu" or not torch.cuda.is_available()):
-        # Lightning 2.6 refuses FSDP on anything but CUDA devices (torch's FSDP itself could run with gloo).
+    if spec.strategy.startswith("fsdp") and not torch.cuda.is_available():
+        # Lightning 2.6 refuses FSDP on anything but CUDA devices (torch's FSDP itself could run with gloo);
+        # accelerator=cpu is refused when the config loads (TrainerSpec).
         raise PipelineError(f"trainer.strategy={spec.strategy} needs CUDA GPUs (Lightning runs FSDP only there), and "
-                            + ("the run asks for trainer.accelerator=cpu" if spec.accelerator == "cpu"
-                               else "this machine has none") + ": on CPUs use trainer=ddp (trainer.devices=N processes)")
+                            f"this machine has none: on CPUs use trainer=ddp (trainer.devices=N processes)")
     torch.set_float32_matmul_precision(spec.matmul_precision)
     return pl.Trainer(
         accelerator=spec.accelerator, devices=spec.devices, num_nodes=spec.num_nodes, strategy=spec.strategy,
